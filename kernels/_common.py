@@ -1,0 +1,81 @@
+"""Argument checks and backend dispatch shared by every loss in this package.
+
+Kept free of engine imports: kernels/ is a leaf.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+IMPLS = ("ref", "chunked", "triton")
+
+
+def as_scale(logit_scale, like: Tensor) -> Tensor:
+    """The multiplier `s` (already exponentiated) as a 0-dim fp32 tensor on `like`'s device."""
+    if isinstance(logit_scale, Tensor):
+        if logit_scale.numel() != 1:
+            raise ValueError(
+                f"logit_scale: expected a scalar (0-dim or 1-element tensor, or float), "
+                f"got shape {tuple(logit_scale.shape)}"
+            )
+        return logit_scale.reshape(()).to(device=like.device, dtype=torch.float32)
+    return torch.tensor(float(logit_scale), device=like.device, dtype=torch.float32)
+
+
+def check_pair(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    """Both 2-D, same shape, same dtype and device, floating point."""
+    for name, t in ((name_a, a), (name_b, b)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D (rows, dim) tensor, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    if a.shape != b.shape:
+        raise ValueError(f"{name_b}: expected shape {tuple(a.shape)} (as {name_a}), got {tuple(b.shape)}")
+    if a.dtype != b.dtype or a.device != b.device:
+        raise ValueError(
+            f"{name_b}: expected dtype {a.dtype} on {a.device} (as {name_a}), got {b.dtype} on {b.device}"
+        )
+
+
+def check_columns(local: Tensor, name: str, cols: Optional[Tensor], row_offset: int) -> Tensor:
+    """Validate global columns against local rows; return the columns (local rows when None)."""
+    if cols is None:
+        if row_offset != 0:
+            raise ValueError(f"row_offset={row_offset} needs the global columns ({name}) to be given")
+        return local
+    if cols.dim() != 2 or cols.shape[1] != local.shape[1]:
+        raise ValueError(
+            f"{name}: expected shape (N_global, {local.shape[1]}), got {tuple(cols.shape)}"
+        )
+    if cols.dtype != local.dtype or cols.device != local.device:
+        raise ValueError(f"{name}: expected dtype {local.dtype} on {local.device}, got {cols.dtype} on {cols.device}")
+    if not 0 <= row_offset <= cols.shape[0] - local.shape[0]:
+        raise ValueError(
+            f"row_offset: expected 0 <= row_offset <= {cols.shape[0] - local.shape[0]} "
+            f"({local.shape[0]} local rows in {cols.shape[0]} global columns), got {row_offset}"
+        )
+    return cols
+
+
+def resolve_impl(impl: Optional[str], tensors: Sequence[Tensor], available: Sequence[str]) -> str:
+    """Pick the backend: an explicit `impl`, else Triton on CUDA when importable, else chunked."""
+    if impl is not None:
+        if impl not in available:
+            raise ValueError(f"impl: expected one of {list(available)}, got {impl!r}")
+        return impl
+    on_cuda = all(t.is_cuda for t in tensors)
+    if on_cuda and "triton" in available and triton_available():
+        return "triton"
+    return "chunked" if "chunked" in available else "ref"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,93 @@
+"""Symmetric CLIP InfoNCE (CLIPErase's retention module) over in-batch similarities.
+
+`S = s * Zi @ Zt.T` for local rows against global columns, the distributed layout of open_clip's
+`--local-loss --gather-with-grad`: rank r holds rows `row_offset .. row_offset + n` of the global
+batch, and its positives sit at column `row_offset + i`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._common import as_scale, check_columns, check_pair, resolve_impl
+
+__all__ = ["clip_infonce", "clip_infonce_ref"]
+
+
+def _masked_logits(logits: Tensor, labels: Tensor, caption_ids: Optional[Tensor], row_ids: Optional[Tensor]) -> Tensor:
+    if caption_ids is None:
+        return logits
+    # Identical captions (class-name captions) are false negatives: drop them, keep the positive.
+    same = row_ids[:, None] == caption_ids[None, :]
+    same[torch.arange(len(labels), device=logits.device), labels] = False
+    return logits.masked_fill(same, float("-inf"))
+
+
+def clip_infonce_ref(
+    zi: Tensor,
+    zt: Tensor,
+    logit_scale,
+    *,
+    zi_all: Optional[Tensor] = None,
+    zt_all: Optional[Tensor] = None,
+    row_offset: int = 0,
+    caption_ids: Optional[Tensor] = None,
+    upcast: bool = True,
+) -> Tensor:
+    """Materialised reference: the test oracle and the small-batch CPU path.
+
+    Args:
+        zi, zt: (n, d) normalised image / text embeddings of the local rows.
+        logit_scale: the multiplier `s` (already exponentiated), float or scalar tensor.
+        zi_all, zt_all: (N, d) global columns with `zi_all[row_offset:row_offset+n] == zi`;
+            default: the local rows (single process).
+        caption_ids: optional (N,) int64 caption identities over the global batch; an
+            off-diagonal pair with equal ids is masked out of the negatives.
+        upcast: compute in fp32 (True) or in the input dtype.
+    Returns:
+        0-dim fp32 tensor: mean over local rows of `(CE(S, diag) + CE(S_t2i, diag)) / 2`.
+    """
+    check_pair("zi", zi, "zt", zt)
+    zi_all = check_columns(zi, "zi_all", zi_all, row_offset)
+    zt_all = check_columns(zt, "zt_all", zt_all, row_offset)
+    s = as_scale(logit_scale, zi)
+    if upcast:
+        zi, zt, zi_all, zt_all = (t.float() for t in (zi, zt, zi_all, zt_all))
+    n = zi.shape[0]
+    labels = torch.arange(n, device=zi.device) + row_offset
+    row_ids = None if caption_ids is None else caption_ids[row_offset : row_offset + n]
+    logits_i2t = (s.to(zi.dtype) * zi) @ zt_all.T
+    logits_t2i = (s.to(zt.dtype) * zt) @ zi_all.T
+    logits_i2t = _masked_logits(logits_i2t, labels, caption_ids, row_ids)
+    logits_t2i = _masked_logits(logits_t2i, labels, caption_ids, row_ids)
+    loss = (F.cross_entropy(logits_i2t.float(), labels) + F.cross_entropy(logits_t2i.float(), labels)) / 2
+    return loss
+
+
+_IMPLS = {"ref": clip_infonce_ref}
+
+
+def clip_infonce(
+    zi: Tensor,
+    zt: Tensor,
+    logit_scale,
+    *,
+    zi_all: Optional[Tensor] = None,
+    zt_all: Optional[Tensor] = None,
+    row_offset: int = 0,
+    caption_ids: Optional[Tensor] = None,
+    impl: Optional[str] = None,
+) -> Tensor:
+    """Symmetric CLIP InfoNCE; arguments as `clip_infonce_ref`.
+
+    `impl`: "ref" (materialised), "chunked" (plain torch, never N x N), "triton" (fused GPU
+    kernel); default: Triton on CUDA, else chunked (whichever of those exist).
+    Raises ValueError for malformed shapes, dtypes, devices or row offsets.
+    """
+    choice = resolve_impl(impl, (zi, zt), tuple(_IMPLS))
+    return _IMPLS[choice](
+        zi, zt, logit_scale, zi_all=zi_all, zt_all=zt_all, row_offset=row_offset, caption_ids=caption_ids
+    )
