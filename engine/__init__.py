@@ -1,0 +1,9 @@
+"""cliperase's engine: `unlearn(UnlearnConfig(...))` makes an open_clip model forget.
+
+Importing this package builds nothing and touches no device.
+"""
+from .api import unlearn
+from .config import UnlearnConfig
+from .errors import ConfigError
+
+__all__ = ["UnlearnConfig", "unlearn", "ConfigError"]

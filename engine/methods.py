@@ -1,0 +1,95 @@
+"""Unlearning methods: each a small declaration of the data and teacher outputs it needs and a
+function from embeddings to named losses. The trainer's loop is the same for all of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cliperase.kernels import clip_infonce, cliperase_loss, forget_similarity
+
+from .config import UnlearnConfig
+
+__all__ = ["Features", "Method", "METHODS", "get_method"]
+
+
+@dataclass
+class Features:
+    """One step's embeddings. Raw features (unnormalised) of the student; the teacher's are
+    normalised and carry no gradient. Absent parts are None."""
+
+    forget_img: Optional[Tensor] = None  # (Bf, d)
+    forget_txt: Optional[Tensor] = None
+    retain_img: Optional[Tensor] = None  # (Br, d)
+    retain_txt: Optional[Tensor] = None
+    teacher_img: Optional[Tensor] = None  # (Br, d) teacher on the retain batch
+    teacher_txt: Optional[Tensor] = None
+    logit_scale: Tensor | float = 1.0  # the multiplier s (exponentiated)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    uses_forget: bool
+    uses_retain: bool
+    uses_teacher: bool  # the frozen original model's embeddings of the retain batch
+    objective: Callable[[Features, UnlearnConfig], Dict[str, Tensor]]  # must return "loss"
+
+
+def _n(x: Tensor) -> Tensor:
+    return F.normalize(x, dim=-1)
+
+
+def _cliperase(f: Features, cfg: UnlearnConfig) -> Dict[str, Tensor]:
+    zi, zt = _n(f.retain_img), _n(f.retain_txt)
+    infonce, kl = cliperase_loss(zi, zt, f.teacher_img, f.teacher_txt, f.logit_scale, impl=cfg.loss_impl)
+    # "dot" reads the raw features as given (one reading of the paper); the others normalise.
+    forget = forget_similarity(f.forget_img, f.forget_txt, mode=cfg.forget_mode, margin=cfg.forget_margin)
+    loss = cfg.lambda_r * infonce + cfg.lambda_f * forget + cfg.lambda_c * kl
+    return {"loss": loss, "retain_infonce": infonce, "forget_sim": forget, "consistency_kl": kl}
+
+
+def _retain_infonce(f: Features, cfg: UnlearnConfig) -> Tensor:
+    return clip_infonce(_n(f.retain_img), _n(f.retain_txt), f.logit_scale, impl=cfg.loss_impl)
+
+
+def _forget_infonce(f: Features, cfg: UnlearnConfig) -> Tensor:
+    return clip_infonce(_n(f.forget_img), _n(f.forget_txt), f.logit_scale, impl=cfg.loss_impl)
+
+
+def _ft(f: Features, cfg: UnlearnConfig) -> Dict[str, Tensor]:
+    retain = _retain_infonce(f, cfg)
+    return {"loss": retain, "retain_infonce": retain}
+
+
+def _ga(f: Features, cfg: UnlearnConfig) -> Dict[str, Tensor]:
+    forget = _forget_infonce(f, cfg)
+    return {"loss": -forget, "forget_infonce": forget}
+
+
+def _graddiff(f: Features, cfg: UnlearnConfig) -> Dict[str, Tensor]:
+    retain, forget = _retain_infonce(f, cfg), _forget_infonce(f, cfg)
+    return {"loss": retain - forget, "retain_infonce": retain, "forget_infonce": forget}
+
+
+METHODS: Dict[str, Method] = {m.name: m for m in (
+    Method("cliperase", "CLIPErase: forget-pair similarity + retain InfoNCE + KL to the original",
+           uses_forget=True, uses_retain=True, uses_teacher=True, objective=_cliperase),
+    Method("ft", "fine-tune on the retain set with the CLIP loss",
+           uses_forget=False, uses_retain=True, uses_teacher=False, objective=_ft),
+    Method("ga", "gradient ascent on the CLIP loss of the forget set",
+           uses_forget=True, uses_retain=False, uses_teacher=False, objective=_ga),
+    Method("graddiff", "retain CLIP loss minus forget CLIP loss",
+           uses_forget=True, uses_retain=True, uses_teacher=False, objective=_graddiff),
+)}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"method: unknown method {name!r}; available: {', '.join(METHODS)}")
+    return METHODS[name]

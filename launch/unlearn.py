@@ -1,0 +1,108 @@
+"""Unlearn a forget set from an open_clip model.
+
+    python launch/unlearn.py                      # the demo on the embedded default
+    python launch/unlearn.py --model ViT-B-32 --pretrained laion2b_s34b_b79k \\
+        --forget-data forget/ --retain-data retain/ --eval-data eval/ --forget-classes dog
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import List, Optional
+
+if __package__ in (None, ""):  # run as a script (python launch/unlearn.py, deepspeed launch/unlearn.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cliperase.engine import ConfigError, UnlearnConfig, unlearn  # noqa: E402
+from cliperase.engine.config import METHOD_NAMES  # noqa: E402
+
+_DEFAULTS = UnlearnConfig()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unlearn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--model", help=f"open_clip architecture name (default {_DEFAULTS.model})")
+    a("--pretrained", help="open_clip pretrained tag or a local checkpoint path")
+    a("--forget-data", help="shards of image-caption pairs to forget (dir, brace pattern, file)")
+    a("--retain-data", help="shards of image-caption pairs to keep")
+    a("--eval-data", help="evaluation set in CLIP_benchmark's webdataset layout")
+    a("--forget-classes", help="comma-separated class names of the eval set to forget")
+    a("--method", choices=METHOD_NAMES, help=f"unlearning method (default {_DEFAULTS.method})")
+    a("--steps", type=int, help=f"optimizer steps (default {_DEFAULTS.steps})")
+    a("--batch-size", type=int, help=f"pairs per batch, forget and retain each (default {_DEFAULTS.batch_size})")
+    a("--lr", type=float, help=f"peak learning rate (default {_DEFAULTS.lr})")
+    a("--seed", type=int, help="seed of data order and initialisation (default 0)")
+    a("--output-dir", help=f"where report.json and the unlearned checkpoint go (default {_DEFAULTS.output_dir})")
+    a("--overwrite", action="store_true", default=None, help="allow --output-dir to hold an earlier run")
+    a("--config", help="JSON file of UnlearnConfig fields; flags given on the command line win")
+    a("--set", action="append", default=[], metavar="FIELD=VALUE",
+      help="any other UnlearnConfig field (JSON value), e.g. --set lambda_f=1 --set forget_mode='\"hinge\"'")
+    a("--no-progress", action="store_true", help="no progress bar")
+    # The deepspeed launcher appends --local_rank=N to the script's arguments.
+    a("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Optional[UnlearnConfig]:
+    """The run config from the flags; None when no run flag was given (the demo)."""
+    given = {}
+    if args.config:
+        given.update(json.loads(Path(args.config).read_text()))
+    known = {f.name for f in fields(UnlearnConfig)}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise ConfigError([f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(known)}"])
+        try:
+            given[key] = json.loads(value)
+        except json.JSONDecodeError:
+            given[key] = value
+    for name in ("model", "pretrained", "forget_data", "retain_data", "eval_data", "method", "steps",
+                 "batch_size", "lr", "seed", "output_dir", "overwrite"):
+        value = getattr(args, name)
+        if value is not None:
+            given[name] = value
+    if args.forget_classes is not None:
+        given["forget_classes"] = [c.strip() for c in args.forget_classes.split(",") if c.strip()]
+    if not given:
+        return None
+    return UnlearnConfig.from_dict(given)
+
+
+def print_summary(report: dict) -> None:
+    b, a = report["before"], report["after"]
+    rows = [("zero-shot forget acc", b["zeroshot"]["forget_acc"], a["zeroshot"]["forget_acc"]),
+            ("zero-shot retain acc", b["zeroshot"]["retain_acc"], a["zeroshot"]["retain_acc"])]
+    for part in ("forget", "retain"):
+        if "retrieval" in b:
+            rows.append((f"retrieval {part} i2t R@1", b["retrieval"][part]["i2t_r1"], a["retrieval"][part]["i2t_r1"]))
+            rows.append((f"retrieval {part} t2i R@1", b["retrieval"][part]["t2i_r1"], a["retrieval"][part]["t2i_r1"]))
+    print(f"\n{report['method']} on {report['model']}: {report['steps']} steps in {report['wall_s']:.1f} s")
+    print(f"{'metric':<26}{'before':>9}{'after':>9}")
+    for name, x, y in rows:
+        print(f"{name:<26}{x:>9.3f}{y:>9.3f}")
+    print(f"report: {Path(report['checkpoint']).parent / 'report.json'}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        if cfg is None:
+            from cliperase.engine.demo import demo_config
+
+            cfg = demo_config(progress=not args.no_progress)
+        report = unlearn(cfg, progress=not args.no_progress)
+    except ConfigError as exc:
+        print(f"unlearn: error: {exc}", file=sys.stderr)
+        return 2
+    print_summary(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

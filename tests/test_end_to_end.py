@@ -1,0 +1,93 @@
+"""Whole runs through launch/unlearn.py main(): tiny model, real shards, real checkpoints."""
+import json
+
+import open_clip
+import pytest
+import torch
+
+from cliperase.engine import UnlearnConfig, unlearn
+from cliperase.engine.models import register_configs
+from helpers import run_args, sha256, tiny_checkpoint, tiny_data  # noqa: F401
+from launch import unlearn as cli
+
+R_KEYS = {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"}
+
+
+def _check_metrics(m):
+    assert set(m["zeroshot"]) == {"forget_acc", "retain_acc"}
+    assert all(0.0 <= v <= 1.0 for v in m["zeroshot"].values())
+    assert set(m["retrieval"]) == {"forget", "retain"}
+    for part in m["retrieval"].values():
+        assert set(part) == R_KEYS and all(0.0 <= v <= 1.0 for v in part.values())
+
+
+@pytest.mark.parametrize("method", ["cliperase", "ft", "ga", "graddiff"])
+def test_tiny_run_writes_report_and_loadable_checkpoint(method, tiny_data, tiny_checkpoint, tmp_path, capsys):
+    before_hash = sha256(tiny_checkpoint)
+    out = tmp_path / "run"
+    assert cli.main(run_args(tiny_data, out, pretrained=tiny_checkpoint, method=method)) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert {"method", "model", "config", "steps", "wall_s", "before", "after"} <= set(report)
+    assert report["method"] == method and report["steps"] == 3 and report["wall_s"] > 0
+    _check_metrics(report["before"])
+    _check_metrics(report["after"])
+    assert sha256(tiny_checkpoint) == before_hash, "the input checkpoint must never change"
+    # The unlearned model loads in plain open_clip and differs from the input.
+    register_configs()
+    model = open_clip.create_model("tiny-clip", pretrained=str(out / "model.pt"))
+    original = open_clip.create_model("tiny-clip", pretrained=str(tiny_checkpoint))
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, original.state_dict()[k])]
+    assert changed, "training changed no weight"
+    assert "logit_scale" not in changed, "the temperature is frozen by default"
+    assert "zero-shot forget acc" in capsys.readouterr().out
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 3 and "loss" in log[-1]
+
+
+def test_report_reproduces_from_exported_checkpoint(tiny_data, tiny_checkpoint, tmp_path):
+    """Evaluating the exported checkpoint with the engine's code gives the report's 'after'."""
+    from cliperase.engine.data import load_eval_set
+    from cliperase.engine.evaluate import evaluate
+    from cliperase.engine.models import load_model
+
+    out = tmp_path / "run"
+    report = unlearn(UnlearnConfig.from_dict(dict(
+        pretrained=str(tiny_checkpoint), forget_data=str(tiny_data / "forget"), retain_data=str(tiny_data / "retain"),
+        eval_data=str(tiny_data / "eval"), forget_classes=["circle"], steps=2, batch_size=8, lr=1e-4,
+        output_dir=str(out))), progress=False)
+    lm = load_model("tiny-clip", str(out / "model.pt"))
+    again = evaluate(lm.model, lm.tokenizer, load_eval_set(str(tiny_data / "eval"), lm.preprocess), ["circle"])
+    assert again["zeroshot"] == pytest.approx(report["after"]["zeroshot"])
+
+
+def test_second_run_into_same_dir_is_refused(tiny_data, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(run_args(tiny_data, out, pretrained=tiny_checkpoint)) == 0
+    first = (out / "report.json").read_bytes()
+    assert cli.main(run_args(tiny_data, out, pretrained=tiny_checkpoint)) == 2
+    assert "holds another run" in capsys.readouterr().err
+    assert (out / "report.json").read_bytes() == first
+    assert cli.main(run_args(tiny_data, out, pretrained=tiny_checkpoint) + ["--overwrite"]) == 0
+
+
+def test_cli_reports_bad_input_without_traceback(tiny_data, tmp_path, capsys):
+    code = cli.main(run_args(tiny_data, tmp_path / "o", steps=0, lr=-1) + ["--forget-classes", "unicorn"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "steps: expected a positive integer" in err and "lr: expected" in err and "unicorn" in err
+
+
+def test_cli_accepts_deepspeed_local_rank(tiny_data, tiny_checkpoint, tmp_path):
+    assert cli.main(run_args(tiny_data, tmp_path / "o", pretrained=tiny_checkpoint) + ["--local_rank=0"]) == 0
+
+
+@pytest.mark.slow
+def test_vit_b_32_random_weights_runs_a_few_steps(tiny_data, tmp_path):
+    """The same path on a real open_clip architecture (random weights, 224 px, CPU)."""
+    out = tmp_path / "vit"
+    args = run_args(tiny_data, out, steps=2, batch_size=2)
+    args[args.index("tiny-clip")] = "ViT-B-32"
+    assert cli.main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "ViT-B-32" and report["steps"] == 2
+    _check_metrics(report["after"])

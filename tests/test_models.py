@@ -1,0 +1,54 @@
+"""Model loading through open_clip: names, tags, local checkpoints, and clear errors."""
+import open_clip
+import pytest
+import torch
+
+from cliperase.engine import ConfigError
+from cliperase.engine.models import check_model_spec, load_model, register_configs
+from helpers import tiny_checkpoint  # noqa: F401
+
+
+def test_engine_configs_are_registered_with_open_clip():
+    register_configs()
+    assert {"tiny-clip", "small-clip"} <= set(open_clip.list_models())
+
+
+def test_checkpoint_round_trips_through_open_clip(tiny_checkpoint):
+    register_configs()
+    model, _, preprocess = open_clip.create_model_and_transforms("tiny-clip", pretrained=str(tiny_checkpoint))
+    ours = load_model("tiny-clip", str(tiny_checkpoint)).model
+    for (k, a), (_, b) in zip(model.state_dict().items(), ours.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=k)
+    assert preprocess.transforms[0].size == 32
+
+
+def test_unknown_model_lists_close_matches():
+    with pytest.raises(ConfigError, match=r"unknown architecture 'ViT-L-41'.*Did you mean.*ViT-L-14"):
+        load_model("ViT-L-41")
+
+
+def test_unknown_tag_lists_available_tags():
+    problems = check_model_spec("ViT-B-32", "not_a_tag")
+    assert len(problems) == 1 and "laion2b_s34b_b79k" in problems[0]
+
+
+def test_missing_checkpoint_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="checkpoint file .*missing.pt.* does not exist"):
+        load_model("tiny-clip", str(tmp_path / "missing.pt"))
+
+
+def test_checkpoint_of_another_architecture_is_refused(tiny_checkpoint):
+    with pytest.raises(ConfigError, match="is not a checkpoint of small-clip"):
+        load_model("small-clip", str(tiny_checkpoint))
+
+
+def test_known_tag_without_network_fails_fast(monkeypatch, tmp_path):
+    """No network here: the tag's weights cannot be fetched; the error says so and what to do."""
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache, whatever this machine holds
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="could not load tag 'openai' of RN50.*pass the file path"):
+        load_model("RN50", "openai")
+    assert time.perf_counter() - t0 < 30
