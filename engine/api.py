@@ -82,7 +82,8 @@ def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1)
         images = torch.cat([b[0] for _, b in parts]).to(device, non_blocking=True)
         texts = torch.cat([b[1] for _, b in parts]).to(device, non_blocking=True)
         img, txt = student.encode_image(images), student.encode_text(texts)
-        feats = Features(logit_scale=student.logit_scale.exp() if cfg.train_logit_scale else frozen_scale)
+        feats = Features(logit_scale=student.logit_scale.exp() if cfg.train_logit_scale else frozen_scale,
+                         teacher_logit_scale=frozen_scale)
         start = 0
         for name, (b_images, b_texts) in parts:
             n = len(b_images)

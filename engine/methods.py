@@ -28,7 +28,8 @@ class Features:
     retain_txt: Optional[Tensor] = None
     teacher_img: Optional[Tensor] = None  # (Br, d) teacher on the retain batch
     teacher_txt: Optional[Tensor] = None
-    logit_scale: Tensor | float = 1.0  # the multiplier s (exponentiated)
+    logit_scale: Tensor | float = 1.0  # the student's multiplier s (exponentiated)
+    teacher_logit_scale: Tensor | float | None = None  # the original model's s, frozen
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ def _n(x: Tensor) -> Tensor:
 
 def _cliperase(f: Features, cfg: UnlearnConfig) -> Dict[str, Tensor]:
     zi, zt = _n(f.retain_img), _n(f.retain_txt)
-    infonce, kl = cliperase_loss(zi, zt, f.teacher_img, f.teacher_txt, f.logit_scale, impl=cfg.loss_impl)
+    infonce, kl = cliperase_loss(zi, zt, f.teacher_img, f.teacher_txt, f.logit_scale,
+                                 teacher_logit_scale=f.teacher_logit_scale, impl=cfg.loss_impl)
     # "dot" reads the raw features as given (one reading of the paper); the others normalise.
     forget = forget_similarity(f.forget_img, f.forget_txt, mode=cfg.forget_mode, margin=cfg.forget_margin)
     loss = cfg.lambda_r * infonce + cfg.lambda_f * forget + cfg.lambda_c * kl

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import as_scale, check_columns, check_pair, resolve_impl
+from ._contrastive import contrastive_loss
 
 __all__ = ["clip_infonce", "clip_infonce_ref"]
 
@@ -67,7 +68,22 @@ def clip_infonce_ref(
     return loss
 
 
-_IMPLS = {"ref": clip_infonce_ref}
+def _fast(backend: str):
+    def run(zi, zt, logit_scale, *, zi_all=None, zt_all=None, row_offset=0, caption_ids=None):
+        check_pair("zi", zi, "zt", zt)
+        check_columns(zi, "zi_all", zi_all, row_offset)
+        check_columns(zt, "zt_all", zt_all, row_offset)
+        s = as_scale(logit_scale, zi)
+        infonce, _ = contrastive_loss(
+            zi, zt, s, s, zi_all=zi_all, zt_all=zt_all, row_offset=row_offset,
+            caption_ids=caption_ids, with_infonce=True, with_kl=False, backend=backend,
+        )
+        return infonce
+
+    return run
+
+
+_IMPLS = {"ref": clip_infonce_ref, "chunked": _fast("chunked"), "triton": _fast("triton")}
 
 
 def clip_infonce(
@@ -84,8 +100,11 @@ def clip_infonce(
     """Symmetric CLIP InfoNCE; arguments as `clip_infonce_ref`.
 
     `impl`: "ref" (materialised), "chunked" (plain torch, never N x N), "triton" (fused GPU
-    kernel); default: Triton on CUDA, else chunked (whichever of those exist).
-    Raises ValueError for malformed shapes, dtypes, devices or row offsets.
+    kernel; CUDA tensors, or CPU ones under TRITON_INTERPRET=1 for tests); default: Triton on
+    CUDA when importable, else chunked. "chunked" and "triton" save only per-row (and
+    per-column) log-sum-exps and recompute the logits in backward; they support `caption_ids`.
+    Raises ValueError for malformed shapes, dtypes, devices, row offsets or `caption_ids`, or
+    for impl="triton" on CPU tensors without the Triton interpreter.
     """
     choice = resolve_impl(impl, (zi, zt), tuple(_IMPLS))
     return _IMPLS[choice](

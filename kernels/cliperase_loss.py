@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ._common import resolve_impl
 from .clip_infonce import clip_infonce_ref
-from .consistency_kl import consistency_kl_ref
+from .consistency_kl import _fast, consistency_kl_ref
 
 __all__ = ["cliperase_loss", "cliperase_loss_ref"]
 
@@ -41,7 +41,7 @@ def cliperase_loss_ref(
     return infonce, kl
 
 
-_IMPLS = {"ref": cliperase_loss_ref}
+_IMPLS = {"ref": cliperase_loss_ref, "chunked": _fast("chunked", True), "triton": _fast("triton", True)}
 
 
 def cliperase_loss(
@@ -61,7 +61,10 @@ def cliperase_loss(
 ) -> Tuple[Tensor, Tensor]:
     """Retain InfoNCE and consistency KL of one retain batch, `(infonce, kl)`.
 
-    Arguments as `consistency_kl_ref`; `impl` as in `clip_infonce`.
+    Arguments as `consistency_kl_ref`; `impl` as in `clip_infonce`. The fast backends compute
+    both terms from one set of student tiles (6 GEMM passes in the symmetric case instead of
+    4 + 6 for two separate calls). Returns two 0-dim fp32 tensors.
+    Raises ValueError for malformed shapes, dtypes, devices or row offsets.
     """
     choice = resolve_impl(impl, (zi, zt), tuple(_IMPLS))
     return _IMPLS[choice](

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ._common import as_scale, check_columns, check_pair, resolve_impl
+from ._contrastive import contrastive_loss
 
 __all__ = ["consistency_kl", "consistency_kl_ref"]
 
@@ -48,7 +49,7 @@ def consistency_kl_ref(
         logit_scale: student multiplier `s` (already exponentiated).
         zi_all, zt_all, zi0_all, zt0_all: (N, d) global columns; default the local rows.
         row_offset: index of the first local row in the global batch.
-        teacher_logit_scale: `s0`; default `logit_scale` (the original model's, frozen).
+        teacher_logit_scale: `s0`; default a detached copy of `logit_scale` (the teacher is frozen).
         upcast: compute in fp32 (True) or in the input dtype.
     Returns:
         0-dim fp32 tensor: row-mean KL of image->text plus row-mean KL of text->image.
@@ -66,7 +67,7 @@ def consistency_kl_ref(
             f"got {tuple(zi0_all.shape)} and {tuple(zt0_all.shape)}"
         )
     s = as_scale(logit_scale, zi)
-    s0 = s if teacher_logit_scale is None else as_scale(teacher_logit_scale, zi)
+    s0 = s.detach() if teacher_logit_scale is None else as_scale(teacher_logit_scale, zi)
     tensors = (zi, zt, zi_all, zt_all, zi0, zt0, zi0_all, zt0_all)
     if upcast:
         tensors = tuple(t.float() for t in tensors)
@@ -78,7 +79,39 @@ def consistency_kl_ref(
     return kl_i2t.float().mean() + kl_t2i.float().mean()
 
 
-_IMPLS = {"ref": consistency_kl_ref}
+def _check(zi, zt, zi0, zt0, zi_all, zt_all, zi0_all, zt0_all, row_offset) -> None:
+    """The reference's argument checks, without computing anything."""
+    check_pair("zi", zi, "zt", zt)
+    check_pair("zi", zi, "zi0", zi0)
+    check_pair("zi", zi, "zt0", zt0)
+    g_i = check_columns(zi, "zi_all", zi_all, row_offset)
+    g_t = check_columns(zt, "zt_all", zt_all, row_offset)
+    g_i0 = check_columns(zi0, "zi0_all", zi0_all, row_offset)
+    g_t0 = check_columns(zt0, "zt0_all", zt0_all, row_offset)
+    if g_i0.shape != g_i.shape or g_t0.shape != g_t.shape:
+        raise ValueError(
+            f"zi0_all/zt0_all: expected the student's global shape {tuple(g_i.shape)}, "
+            f"got {tuple(g_i0.shape)} and {tuple(g_t0.shape)}"
+        )
+
+
+def _fast(backend: str, with_infonce: bool):
+    def run(zi, zt, zi0, zt0, logit_scale, *, zi_all=None, zt_all=None, zi0_all=None, zt0_all=None,
+            row_offset=0, teacher_logit_scale=None):
+        _check(zi, zt, zi0, zt0, zi_all, zt_all, zi0_all, zt0_all, row_offset)
+        s = as_scale(logit_scale, zi)
+        s0 = s.detach() if teacher_logit_scale is None else as_scale(teacher_logit_scale, zi)
+        infonce, kl = contrastive_loss(
+            zi, zt, s, s0, zi0=zi0, zt0=zt0, zi_all=zi_all, zt_all=zt_all, zi0_all=zi0_all,
+            zt0_all=zt0_all, row_offset=row_offset, with_infonce=with_infonce, with_kl=True,
+            backend=backend,
+        )
+        return (infonce, kl) if with_infonce else kl
+
+    return run
+
+
+_IMPLS = {"ref": consistency_kl_ref, "chunked": _fast("chunked", False), "triton": _fast("triton", False)}
 
 
 def consistency_kl(
@@ -96,7 +129,12 @@ def consistency_kl(
     teacher_logit_scale=None,
     impl: Optional[str] = None,
 ) -> Tensor:
-    """Consistency KL; arguments as `consistency_kl_ref`, `impl` as in `clip_infonce`."""
+    """Consistency KL; arguments as `consistency_kl_ref`, `impl` as in `clip_infonce`.
+
+    Returns a 0-dim fp32 tensor. Gradients reach the student tensors and `logit_scale`; the
+    teacher (embeddings and `s0`, a detached copy of `s` when not given) gets none.
+    Raises ValueError for malformed shapes, dtypes, devices or row offsets.
+    """
     choice = resolve_impl(impl, (zi, zt), tuple(_IMPLS))
     return _IMPLS[choice](
         zi, zt, zi0, zt0, logit_scale,

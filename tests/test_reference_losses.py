@@ -119,3 +119,19 @@ def test_bad_inputs_name_the_argument(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         clip_infonce_ref(args.pop("zi"), args.pop("zt"), args.pop("logit_scale"), **args)
+
+
+@pytest.mark.parametrize("impl", ["ref", "chunked"])
+def test_teacher_scale_gets_no_gradient(impl):
+    """Without teacher_logit_scale the teacher uses a frozen copy of s: d KL / d s is the
+    student side's alone, as with an explicit constant s0."""
+    from cliperase.kernels import consistency_kl
+
+    zi, zt, zi0, zt0 = (_emb(7, 5, k, torch.float32) for k in range(20, 24))
+    s = torch.tensor(4.0, requires_grad=True)
+    consistency_kl(zi, zt, zi0, zt0, s, impl=impl).backward()
+    implicit = s.grad.clone()
+    s.grad = None
+    consistency_kl(zi, zt, zi0, zt0, s, teacher_logit_scale=4.0, impl=impl).backward()
+    assert implicit.item() == pytest.approx(s.grad.item(), rel=1e-5)
+    assert implicit.abs().item() > 1e-4, "the student side must still train s"

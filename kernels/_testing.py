@@ -1,0 +1,71 @@
+"""Helpers shared by the kernel tests and benchmarks (not part of the public API).
+
+The numerical check of /work/shared/STYLE.md rule 6: `ref(upcast=True)` is the truth; a fast
+path passes when its error is at most twice the error of `ref` run in the low precision, plus a
+small tolerance relative to the truth's magnitude.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["Result", "run_with_grads", "assert_fast_close", "embeddings", "RTOL"]
+
+# Tolerance relative to max|truth|, added to 2 x the low-precision reference's error.
+RTOL = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+class Result(NamedTuple):
+    values: List[Tensor]  # the loss outputs, fp32 0-dim
+    grads: List[Tensor]  # gradients of the differentiable inputs, upcast to fp32
+    scale_grad: Tensor  # gradient wrt logit_scale
+
+
+def embeddings(rows: int, dim: int, dtype: torch.dtype, gen: torch.Generator, device="cpu") -> Tensor:
+    """(rows, dim) L2-normalised Gaussian rows in `dtype`."""
+    x = torch.randn(rows, dim, generator=gen)
+    return F.normalize(x, dim=1).to(device=device, dtype=dtype)
+
+
+def run_with_grads(fn: Callable, inputs: Sequence[Tensor], scale: float, *, seed: int = 0) -> Result:
+    """Run `fn(*leaves, logit_scale)` and back-propagate a random upstream gradient.
+
+    `fn` returns one 0-dim tensor or a tuple of them; each output gets its own random weight
+    (seeded), so terms that are wrong in isolation cannot cancel.
+    """
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    scale_t = torch.tensor(scale, dtype=torch.float32, device=inputs[0].device, requires_grad=True)
+    out = fn(*leaves, scale_t)
+    outs = out if isinstance(out, tuple) else (out,)
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.randn(len(outs), generator=gen).to(inputs[0].device)
+    sum(w * o for w, o in zip(weights, outs)).backward()
+    return Result(
+        [o.detach().float() for o in outs],
+        [leaf.grad.float() for leaf in leaves],
+        scale_t.grad.detach().clone(),
+    )
+
+
+def _flat(r: Result) -> List[Tensor]:
+    return [*r.values, *r.grads, r.scale_grad]
+
+
+def assert_fast_close(fast: Result, low: Result, truth: Result, dtype: torch.dtype, what: str = "") -> None:
+    """Raise AssertionError naming the first output whose error breaks the rule above."""
+    names = [f"value[{i}]" for i in range(len(truth.values))]
+    names += [f"grad[{i}]" for i in range(len(truth.grads))] + ["grad[logit_scale]"]
+    for name, f, lo, t in zip(names, _flat(fast), _flat(low), _flat(truth)):
+        assert f.shape == t.shape, f"{what} {name}: shape {tuple(f.shape)} != {tuple(t.shape)}"
+        assert torch.isfinite(f).all(), f"{what} {name}: non-finite values"
+        err_fast = (f - t).abs().max().item()
+        err_low = (lo - t).abs().max().item()
+        # Losses are O(1) nats built from logits of size ~s: never ask for less than RTOL there.
+        # d/ds sums n x N terms that largely cancel, and with the KL it carries each row's
+        # KL (a difference of two LSEs of size ~s, so ~ulp(s) of noise in the truth as well).
+        floor = 1.0 if name.startswith("value") else 0.1 if name == "grad[logit_scale]" else 1e-3
+        tol = 2 * err_low + RTOL[dtype] * max(t.abs().max().item(), floor)
+        assert err_fast <= tol, f"{what} {name}: error {err_fast:.3g} > {tol:.3g} (low-precision ref error {err_low:.3g})"

@@ -1,0 +1,15 @@
+"""Test tiers for the Triton kernels (see /work/shared/STYLE.md rule 8).
+
+Without CUDA the Triton tests run the real kernels in Triton's CPU interpreter. The interpreter
+is chosen when `@triton.jit` decorates a kernel, i.e. when `cliperase.kernels._triton_contrastive`
+is first imported (lazily, on the first impl="triton" call), so the variable must be set before
+any test runs: here. A subprocess per test would avoid touching the session's environment but
+costs a torch import (seconds) per test on a 2-core CI machine. With CUDA nothing is set, and the
+same tests compile the kernels for the GPU.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

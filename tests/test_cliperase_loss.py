@@ -1,0 +1,134 @@
+"""cliperase_loss: the fused (InfoNCE, KL) pair against the references, and the package surface.
+
+The two outputs get independent random upstream weights, so a gradient routed to the wrong term
+shows up. Also: importing the package does not import Triton, and the default backend on CPU.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cliperase.kernels import _contrastive, cliperase_loss, cliperase_loss_ref
+from cliperase.kernels._common import resolve_impl
+from cliperase.kernels._testing import assert_fast_close, embeddings, run_with_grads
+
+# name: (n local rows, N global columns or None for single-process, d, row_offset)
+SHAPES = {
+    "tiny": (4, None, 8, 0),
+    "odd": (37, None, 45, 0),
+    "local_global": (12, 40, 24, 16),
+    "local_global_first_rank": (13, 41, 37, 0),
+    "local_batch1": (1, 9, 16, 4),
+}
+TRITON_SHAPES = ("tiny", "local_global", "local_global_first_rank")
+CPU_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+INTERPRETER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+SCALE = 14.3
+
+
+def _triton_skip_reason():
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA and TRITON_INTERPRET is not set (tests/conftest.py sets it)"
+    return None
+
+
+needs_triton = pytest.mark.skipif(_triton_skip_reason() is not None, reason=str(_triton_skip_reason()))
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(_contrastive, "DEFAULT_CHUNKED_CONFIG", _contrastive.ChunkedConfig(16, 8))
+
+
+def _inputs(shape, dtype, device="cpu", seed=0):
+    n, big_n, d, off = shape
+    gen = torch.Generator().manual_seed(seed)
+    rows = big_n or n
+    zi_all, zt_all = embeddings(rows, d, dtype, gen, device), embeddings(rows, d, dtype, gen, device)
+    noise = [embeddings(rows, d, torch.float32, gen, device) for _ in range(2)]
+    zi0_all = torch.nn.functional.normalize(zi_all.float() + 0.3 * noise[0], dim=1).to(dtype)
+    zt0_all = torch.nn.functional.normalize(zt_all.float() + 0.3 * noise[1], dim=1).to(dtype)
+    if big_n is None:
+        return [zi_all, zt_all], dict(zi0=zi0_all, zt0=zt0_all)
+    teacher = dict(zi0=zi0_all[off : off + n], zt0=zt0_all[off : off + n], zi0_all=zi0_all, zt0_all=zt0_all, row_offset=off)
+    return [zi_all[off : off + n], zt_all[off : off + n], zi_all, zt_all], teacher
+
+
+def _loss(impl, teacher):
+    def fn(*args):
+        *z, s = args
+        kw = dict(teacher)
+        zi0, zt0 = kw.pop("zi0"), kw.pop("zt0")
+        if len(z) == 4:
+            kw.update(zi_all=z[2], zt_all=z[3])
+        if impl in ("ref32", "ref_low"):
+            return cliperase_loss_ref(z[0], z[1], zi0, zt0, s, upcast=impl == "ref32", **kw)
+        return cliperase_loss(z[0], z[1], zi0, zt0, s, impl=impl, **kw)
+
+    return fn
+
+
+def _check(impl, shape, dtype, device="cpu"):
+    inputs, teacher = _inputs(shape, dtype, device=device)
+    truth = run_with_grads(_loss("ref32", teacher), inputs, SCALE)
+    low = run_with_grads(_loss("ref_low", teacher), inputs, SCALE)
+    fast = run_with_grads(_loss(impl, teacher), inputs, SCALE)
+    assert len(fast.values) == 2
+    assert_fast_close(fast, low, truth, dtype, what=f"{impl} {shape} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES.values(), ids=CPU_DTYPES.keys())
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_chunked_matches_ref(shape, dtype, small_tiles):
+    _check("chunked", shape, dtype)
+
+
+def test_chunked_large_n_default_tiles():
+    _check("chunked", (2100, None, 32, 0), torch.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES.values(), ids=INTERPRETER_DTYPES.keys())
+@pytest.mark.parametrize("shape", TRITON_SHAPES)
+def test_triton_matches_ref(shape, dtype):
+    _check("triton", SHAPES[shape], dtype, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_import_does_not_import_triton():
+    # A fresh interpreter: this test session may already have imported Triton.
+    code = "import sys, cliperase.kernels; sys.exit('triton' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_default_impl_on_cpu_is_chunked():
+    t = torch.zeros(2, 2)
+    assert resolve_impl(None, (t, t), ("ref", "chunked", "triton")) == "chunked"
+    assert resolve_impl("ref", (t, t), ("ref", "chunked", "triton")) == "ref"
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-tensor error; CUDA tensors are fine")
+def test_triton_on_cpu_says_what_to_do(monkeypatch):
+    from cliperase.kernels import _triton_contrastive
+
+    # As in a session without TRITON_INTERPRET: compiled kernels cannot take CPU tensors.
+    monkeypatch.setattr(_triton_contrastive, "_interpreted", lambda: False)
+    inputs, teacher = _inputs(SHAPES["tiny"], torch.float32)
+    with pytest.raises(ValueError, match="impl='chunked'"):
+        cliperase_loss(*inputs, teacher["zi0"], teacher["zt0"], SCALE, impl="triton")
+
+
+GPU_SHAPES = {"production_vit_h14": (4096, None, 1024, 0), "local_rank3_of_4": (2048, 8192, 1024, 6144)}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", GPU_SHAPES.values(), ids=GPU_SHAPES.keys())
+def test_triton_gpu_production(shape, dtype):
+    _check("triton", shape, dtype, device="cuda")

@@ -1,0 +1,138 @@
+"""consistency_kl: chunked and Triton against the materialised reference, values and gradients.
+
+Gradients are checked for the student rows and columns and for `logit_scale`, both with the
+default teacher scale (the same tensor, so it also receives the teacher path's gradient, as in
+the reference) and with a separate frozen `teacher_logit_scale`.
+"""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from cliperase.kernels import _contrastive, consistency_kl, consistency_kl_ref
+from cliperase.kernels._testing import assert_fast_close, embeddings, run_with_grads
+
+# name: (n local rows, N global columns or None for single-process, d, row_offset)
+SHAPES = {
+    "tiny": (4, None, 8, 0),
+    "odd": (37, None, 45, 0),
+    "batch1": (1, None, 16, 0),
+    "local_global": (12, 40, 24, 16),
+    "local_global_last_rank": (13, 41, 37, 28),
+    "local_batch1": (1, 9, 16, 4),
+}
+TRITON_SHAPES = ("tiny", "batch1", "local_global", "local_global_last_rank")
+CPU_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+INTERPRETER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+SCALE = 14.3
+TEACHER_SCALES = {"shared": None, "frozen": 11.0}
+
+
+def _triton_skip_reason():
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA and TRITON_INTERPRET is not set (tests/conftest.py sets it)"
+    return None
+
+
+needs_triton = pytest.mark.skipif(_triton_skip_reason() is not None, reason=str(_triton_skip_reason()))
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(_contrastive, "DEFAULT_CHUNKED_CONFIG", _contrastive.ChunkedConfig(16, 8))
+
+
+def _inputs(shape, dtype, device="cpu", seed=0):
+    """Student tensors (the leaves that get gradients) and the teacher keyword arguments."""
+    n, big_n, d, off = shape
+    gen = torch.Generator().manual_seed(seed)
+    rows = big_n or n
+    zi_all, zt_all = embeddings(rows, d, dtype, gen, device), embeddings(rows, d, dtype, gen, device)
+    # The teacher is a perturbed copy of the student, as after a few unlearning steps.
+    zi0_all = torch.nn.functional.normalize(zi_all.float() + 0.3 * embeddings(rows, d, torch.float32, gen, device), dim=1).to(dtype)
+    zt0_all = torch.nn.functional.normalize(zt_all.float() + 0.3 * embeddings(rows, d, torch.float32, gen, device), dim=1).to(dtype)
+    if big_n is None:
+        return [zi_all, zt_all], dict(zi0=zi0_all, zt0=zt0_all)
+    teacher = dict(zi0=zi0_all[off : off + n], zt0=zt0_all[off : off + n], zi0_all=zi0_all, zt0_all=zt0_all, row_offset=off)
+    return [zi_all[off : off + n], zt_all[off : off + n], zi_all, zt_all], teacher
+
+
+def _loss(impl, teacher, teacher_scale):
+    def fn(*args):
+        *z, s = args
+        kw = dict(teacher)
+        zi0, zt0 = kw.pop("zi0"), kw.pop("zt0")
+        if len(z) == 4:
+            kw.update(zi_all=z[2], zt_all=z[3])
+        kw["teacher_logit_scale"] = teacher_scale
+        if impl in ("ref32", "ref_low"):
+            return consistency_kl_ref(z[0], z[1], zi0, zt0, s, upcast=impl == "ref32", **kw)
+        return consistency_kl(z[0], z[1], zi0, zt0, s, impl=impl, **kw)
+
+    return fn
+
+
+def _check(impl, shape, dtype, teacher_scale=None, device="cpu"):
+    inputs, teacher = _inputs(shape, dtype, device=device)
+    truth = run_with_grads(_loss("ref32", teacher, teacher_scale), inputs, SCALE)
+    low = run_with_grads(_loss("ref_low", teacher, teacher_scale), inputs, SCALE)
+    fast = run_with_grads(_loss(impl, teacher, teacher_scale), inputs, SCALE)
+    assert truth.values[0].item() > 0  # a non-trivial KL, or the comparison proves little
+    assert_fast_close(fast, low, truth, dtype, what=f"{impl} {shape} {dtype}")
+
+
+@pytest.mark.parametrize("teacher_scale", TEACHER_SCALES.values(), ids=TEACHER_SCALES.keys())
+@pytest.mark.parametrize("dtype", CPU_DTYPES.values(), ids=CPU_DTYPES.keys())
+@pytest.mark.parametrize("shape", [k for k in SHAPES if k != "batch1"])
+def test_chunked_matches_ref(shape, dtype, teacher_scale, small_tiles):
+    _check("chunked", SHAPES[shape], dtype, teacher_scale)
+
+
+def test_batch1_is_zero(small_tiles):
+    # One row and one column: both softmaxes are [1], the KL is exactly 0 with zero gradient.
+    inputs, teacher = _inputs(SHAPES["batch1"], torch.float32)
+    res = run_with_grads(_loss("chunked", teacher, None), inputs, SCALE)
+    assert res.values[0].abs().item() < 1e-6
+    assert all(g.abs().max().item() < 1e-6 for g in res.grads)
+
+
+def test_chunked_large_n_default_tiles():
+    _check("chunked", (2100, None, 32, 0), torch.float32)
+
+
+def test_teacher_gets_no_gradient():
+    inputs, teacher = _inputs(SHAPES["local_global"], torch.float32)
+    teacher = {k: (v.clone().requires_grad_(True) if torch.is_tensor(v) else v) for k, v in teacher.items()}
+    zi, zt, zi_all, zt_all = (t.clone().requires_grad_(True) for t in inputs)
+    consistency_kl(zi, zt, logit_scale=SCALE, zi_all=zi_all, zt_all=zt_all, impl="chunked", **teacher).backward()
+    assert zi.grad is not None and zi_all.grad is not None
+    assert all(v.grad is None for v in teacher.values() if torch.is_tensor(v))
+
+
+def test_rejects_teacher_shape_mismatch():
+    inputs, teacher = _inputs(SHAPES["local_global"], torch.float32)
+    teacher["zi0_all"] = teacher["zi0_all"][:-1]
+    with pytest.raises(ValueError, match="zi0_all"):
+        consistency_kl(inputs[0], inputs[1], logit_scale=SCALE, zi_all=inputs[2], zt_all=inputs[3], impl="chunked", **teacher)
+
+
+@needs_triton
+@pytest.mark.parametrize("teacher_scale", TEACHER_SCALES.values(), ids=TEACHER_SCALES.keys())
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES.values(), ids=INTERPRETER_DTYPES.keys())
+@pytest.mark.parametrize("shape", [k for k in TRITON_SHAPES if k != "batch1"])
+def test_triton_matches_ref(shape, dtype, teacher_scale):
+    _check("triton", SHAPES[shape], dtype, teacher_scale, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+GPU_SHAPES = {"production_vit_h14": (4096, None, 1024, 0), "local_rank3_of_4": (2048, 8192, 1024, 6144)}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", GPU_SHAPES.values(), ids=GPU_SHAPES.keys())
+def test_triton_gpu_production(shape, dtype):
+    _check("triton", shape, dtype, device="cuda")
