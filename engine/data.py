@@ -10,11 +10,15 @@
 from __future__ import annotations
 
 import io
+import logging
+import os
 import random
+import tarfile
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import webdataset as wds
@@ -23,7 +27,10 @@ from torch import Tensor
 
 from .errors import ConfigError
 
-__all__ = ["resolve_shards", "shard_problems", "PairStream", "EvalSet", "load_eval_set", "eval_set_problems", "SkipCounter"]
+__all__ = ["resolve_shards", "shard_problems", "PairStream", "EvalSet", "load_eval_set", "eval_set_problems", "SkipCounter",
+           "SKIP_KINDS", "ShardReader", "decode_image"]
+
+log = logging.getLogger("cliperase.data")
 
 IMAGE_KEYS = "jpg;png;jpeg;webp"
 
@@ -189,3 +196,213 @@ def _lines(path: Path) -> List[str]:
     if not path.is_file():
         return []
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Robust shard reading: one shard at a time, bad data skipped and counted by kind.
+
+# Every kind a ShardReader counts; reported as a dict with all of them, zeros included, so a
+# report reader can tell "none of this kind" from "not checked".
+SKIP_KINDS = (
+    "unreadable_shard",  # the shard could not be opened as a tar, even after retries
+    "truncated_tar",  # the tar ends inside a member or without its end-of-archive block
+    "corrupt_tar",  # a damaged header in the middle of a tar; the rest of the shard is lost
+    "missing_image",  # a sample without jpg/png/jpeg/webp
+    "corrupt_image",  # an image that does not decode
+    "missing_caption",  # a sample without txt, or with an empty one
+    "corrupt_caption",  # a txt that is not UTF-8
+)
+_IMAGE_EXTS = tuple(IMAGE_KEYS.split(";"))
+_BLOCK = tarfile.BLOCKSIZE
+_CHECKS = ("none", "draft", "decode")
+
+
+def decode_image(raw: bytes, *, draft: bool = False) -> Image.Image:
+    """Decode image bytes fully into an RGB PIL image.
+
+    With `draft`, JPEGs decode at 1/8 scale (libjpeg's DCT scaling): every byte of the entropy
+    coded data is still read, so truncated or garbled files fail, at a fraction of the cost.
+    Raises OSError (PIL.UnidentifiedImageError is one) or ValueError / SyntaxError (from some
+    PIL plugins) when the bytes are not a decodable image; PIL.Image.DecompressionBombError for
+    images over PIL's pixel limit.
+    """
+    im = Image.open(io.BytesIO(raw))
+    if draft:
+        im.draft("RGB", (1, 1))
+    im.load()
+    return im.convert("RGB")
+
+
+def _split_name(name: str) -> Tuple[str, str]:
+    """`dir/key.ext.more` -> (`dir/key`, `ext.more`): the key ends at the first dot of the base
+    name, the rule webdataset and img2dataset use, so keys with dots in extensions group right."""
+    head, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), (ext.lower() if dot else "")
+
+
+class _BadEnd(Exception):
+    """Internal: a tar that iterated to its end quietly but is damaged there; `kind` is
+    "truncated_tar" or "corrupt_tar" and the message says where."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+class ShardReader(torch.utils.data.IterableDataset):
+    """Samples of image-caption shards, read one shard at a time, never all in memory; bad data
+    is skipped and counted in `skipped` by kind (see SKIP_KINDS), never raised.
+
+    Yields webdataset-style dicts: `__key__` (str), `__url__` (the shard path), `__shard__` (its
+    index in `shards`) and one entry per file of the sample, extension -> bytes exactly as
+    stored (`jpg`, `txt`, `json`, ...). With `check_images="decode"` the decoded RGB image is
+    added as `__image__` (a PIL image), so a consumer need not decode it twice. An
+    IterableDataset, so it can be the source of a `webdataset.DataPipeline`; it does not split
+    shards between DataLoader workers (every worker would read them all), and its counts live
+    in the process that iterates it.
+
+    What is skipped:
+      - a shard that cannot be opened (unreadable, not a tar) is retried `retries` times with
+        exponential backoff from `backoff_s` (a missing file is not retried), then skipped
+        with one warning and counted once as `unreadable_shard`; its path and reason go to
+        `bad_shards`;
+      - a tar that ends early is counted once as `truncated_tar` (or `corrupt_tar` for a damaged
+        header); the complete samples before the damage are kept, the one in progress dropped;
+      - samples without an image or caption, with an image that does not decode (unless
+        `check_images="none"`), or with a non-UTF-8 caption, each counted by kind.
+
+    Shards are opened read-only and never written. `check_images`: "none" (trust the bytes),
+    "draft" (JPEGs decoded at 1/8 scale, other formats fully; the default) or "decode" (full
+    decode, image attached). Raises ValueError for an unknown `check_images` or negative
+    `retries`/`backoff_s`.
+    """
+
+    def __init__(self, shards: Sequence[str], *, check_images: str = "draft", retries: int = 2,
+                 backoff_s: float = 0.5):
+        if check_images not in _CHECKS:
+            raise ValueError(f"check_images: expected one of {list(_CHECKS)}, got {check_images!r}")
+        if retries < 0 or backoff_s < 0:
+            raise ValueError(f"retries and backoff_s: expected >= 0, got {retries} and {backoff_s}")
+        self.shards = [str(s) for s in shards]
+        self.check_images, self.retries, self.backoff_s = check_images, retries, backoff_s
+        self.skipped: Counter = Counter({k: 0 for k in SKIP_KINDS})
+        self.bad_shards: Dict[str, str] = {}  # shard path -> what was wrong with it
+        self.samples = 0  # samples yielded so far
+
+    def skip_counts(self) -> Dict[str, int]:
+        """Counts by kind, every kind of SKIP_KINDS present (zeros included)."""
+        return {k: int(self.skipped[k]) for k in SKIP_KINDS}
+
+    def __iter__(self) -> Iterator[dict]:
+        for index, url in enumerate(self.shards):
+            yield from self._shard(index, url)
+
+    def _open(self, url: str):
+        """Open a shard as a streaming tar, retrying; None (after counting it) when it cannot be."""
+        last: Optional[BaseException] = None
+        attempts = 0
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            f = None
+            attempts += 1
+            try:
+                f = open(url, "rb")
+                # Streaming mode reads forward only: no seeks, the access pattern of a pipe or an
+                # object store, and memory bounded by one member. Opening reads the first header,
+                # so a file that is not a tar fails here, not mid-iteration.
+                return f, tarfile.open(fileobj=f, mode="r|")
+            except (OSError, tarfile.TarError) as exc:  # missing, permission, I/O, not a tar
+                last = exc
+                if f is not None:
+                    f.close()
+                if isinstance(exc, FileNotFoundError):
+                    # img2dataset leaves gaps in a brace range for shards it failed to write;
+                    # waiting does not fill them, and hundreds of gaps would cost minutes.
+                    break
+        reason = f"{type(last).__name__}: {last}"
+        log.warning("skipping shard %s after %d attempt(s): %s", url, attempts, reason)
+        self.skipped["unreadable_shard"] += 1
+        self.bad_shards[url] = reason
+        return None
+
+    def _shard(self, index: int, url: str) -> Iterator[dict]:
+        opened = self._open(url)
+        if opened is None:
+            return
+        f, tar = opened
+        current: Optional[dict] = None
+        try:
+            try:
+                for member in tar:
+                    if not member.isreg():
+                        continue
+                    key, ext = _split_name(member.name)
+                    if key.startswith("__") or not ext:  # webdataset's own metadata entries
+                        continue
+                    if current is not None and current["__key__"] != key:
+                        # A new key: the previous sample is complete, before this member's
+                        # data is read (and can fail).
+                        yield from self._finish(current)
+                        current = None
+                    if current is None:
+                        current = {"__key__": key, "__url__": url, "__shard__": index}
+                    current[ext] = tar.extractfile(member).read()
+                self._check_end(url, tar.offset)
+            except (tarfile.TarError, EOFError, OSError, _BadEnd) as exc:
+                # The sample being read when the stream broke may lack files: drop it. Python's
+                # tarfile reports data cut short as ReadError("unexpected end of data").
+                current = None
+                kind = exc.kind if isinstance(exc, _BadEnd) else "truncated_tar"
+                log.warning("shard %s: %s (%s); keeping the samples before it", url, kind.replace("_", " "), exc)
+                self.skipped[kind] += 1
+                self.bad_shards[url] = f"{kind}: {exc}"
+            if current is not None:
+                yield from self._finish(current)
+        finally:
+            tar.close()
+            f.close()
+
+    @staticmethod
+    def _check_end(url: str, offset: int) -> None:
+        """Python's tarfile ends iteration quietly at a short or damaged header past the first
+        member; a complete tar has a zero block where the members end. Raises _BadEnd if not."""
+        try:
+            size = os.path.getsize(url)
+            with open(url, "rb") as f:
+                f.seek(offset)
+                block = f.read(_BLOCK)
+        except OSError as exc:
+            raise _BadEnd("truncated_tar", f"cannot re-read the end: {exc}") from exc
+        if len(block) < _BLOCK:
+            raise _BadEnd("truncated_tar", f"no end-of-archive block after byte {offset} of {size}")
+        if block.count(0) != _BLOCK:
+            raise _BadEnd("corrupt_tar", f"damaged header at byte {offset}")
+
+    def _finish(self, sample: dict) -> Iterator[dict]:
+        image_ext = next((e for e in _IMAGE_EXTS if e in sample), None)
+        if image_ext is None:
+            self.skipped["missing_image"] += 1
+            return
+        raw_text = sample.get("txt")
+        if raw_text is None:
+            self.skipped["missing_caption"] += 1
+            return
+        try:
+            if not raw_text.decode("utf-8").strip():
+                self.skipped["missing_caption"] += 1
+                return
+        except UnicodeDecodeError:
+            self.skipped["corrupt_caption"] += 1
+            return
+        if self.check_images != "none":
+            try:
+                image = decode_image(sample[image_ext], draft=self.check_images == "draft")
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                self.skipped["corrupt_image"] += 1
+                return
+            if self.check_images == "decode":
+                sample["__image__"] = image
+        self.samples += 1
+        yield sample
