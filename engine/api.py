@@ -63,6 +63,12 @@ def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1)
     frozen_scale = student.logit_scale.detach().exp().clone()
     teacher = copy.deepcopy(student).requires_grad_(False).eval() if method.uses_teacher else None
     student.train()
+    # BatchNorm (ResNet towers) stays in eval mode: its running statistics are the original
+    # model's, small forget/retain batches would corrupt them, and the consistency term compares
+    # against a teacher that normalises with those same statistics.
+    for module in student.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
     def stream(spec: str, what: str, offset: int):
         shards = resolve_shards(spec, what)

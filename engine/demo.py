@@ -52,7 +52,7 @@ def demo_config(cache: Optional[Path] = None, output_dir: str = "runs/demo", **o
         method="cliperase",
         steps=60,
         batch_size=64,
-        lr=2e-4,
+        lr=5e-5,
         output_dir=output_dir,
         overwrite=True,  # the demo's own directory: re-running the demo replaces it
     )

@@ -1,8 +1,12 @@
 """Models through open_clip: architecture names, pretrained tags, local checkpoint files.
 
-The engine's own small configs (`tiny-clip`, `small-clip`) are registered with open_clip's
+The engine's own small configs are registered with open_clip's
 registry on first use, so `open_clip.create_model_and_transforms("tiny-clip", pretrained=PATH)`
-works in any process that called `register_configs()`.
+works in any process that called `register_configs()`:
+- `tiny-clip`: ResNet image tower, transformer text tower, 32 px. Learns the embedded default
+  in a minute on two CPU cores (a ViT this small needs several times longer); demo and tests.
+- `tiny-vit`: the same with a ViT image tower (patch 4), for tests of ViT code paths.
+- `small-clip`: a ViT at 64 px, a step up for GPU smoke runs.
 """
 from __future__ import annotations
 

@@ -24,11 +24,11 @@ __all__ = ["PretrainConfig", "pretrain"]
 class PretrainConfig:
     model: str = "tiny-clip"  # open_clip architecture name, built with random weights
     train_data: Optional[str] = None  # image-caption shards (dir, brace pattern, file; '::' joins)
-    steps: int = 1500  # optimizer steps
+    steps: int = 500  # optimizer steps
     batch_size: int = 128  # pairs per step
     lr: float = 3e-3  # peak learning rate (AdamW)
     weight_decay: float = 0.1
-    warmup_steps: int = 100  # linear warmup, then cosine decay to 0
+    warmup_steps: int = 50  # linear warmup, then cosine decay to 0
     seed: int = 0
     output: str = "pretrained.pt"  # checkpoint path; a JSON sidecar beside it records the run
     log_every: int = 50

@@ -16,7 +16,7 @@ from cliperase.engine.errors import ConfigError
 from cliperase.engine.select import SelectConfig, _Reservoir, keys_sha256, select
 from cliperase.engine.synthetic import COLOURS, _encode, generate, write_pairs
 from helpers import tiny_checkpoint  # noqa: F401  (a fixture)
-from launch.select import main
+from launch.select_data import main
 
 N = 216  # each shape x colour x background combination twice
 
@@ -278,16 +278,3 @@ def test_cli(corpus, tmp_path, capsys):
     assert "already holds a selection" in capsys.readouterr().err
     assert main([str(shards), "-o", str(tmp_path / "x"), "--concept", "dog", "--no-progress"]) == 2
     assert "threshold and top_k" in capsys.readouterr().err
-
-
-def test_runs_as_a_script():
-    # As a script its folder comes first on sys.path, where launch/select.py would shadow the
-    # standard library's `select` (torch imports it through subprocess).
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, str(root / "launch" / "select.py"), "--help"], capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "whole words" in done.stdout and "--retain-size" in done.stdout

@@ -1,9 +1,9 @@
 """Choose a forget set and a retain set from image-caption shards (img2dataset layout), streaming.
 
-    python launch/select.py shards/ --keyword dog --keyword "golden retriever" -o sel/
-    python launch/select.py 'cc12m/{00000..01242}.tar' --regex '\\bdogs?\\b' -o sel/ --retain-size 100000
-    python launch/select.py shards/ --keys forget_keys.txt -o sel/ --keys-only
-    python launch/select.py shards/ --concept "a photo of a dog" --top-k 5000 \\
+    python launch/select_data.py shards/ --keyword dog --keyword "golden retriever" -o sel/
+    python launch/select_data.py 'cc12m/{00000..01242}.tar' --regex '\\bdogs?\\b' -o sel/ --retain-size 100000
+    python launch/select_data.py shards/ --keys forget_keys.txt -o sel/ --keys-only
+    python launch/select_data.py shards/ --concept "a photo of a dog" --top-k 5000 \\
         --model ViT-B-32 --pretrained laion2b_s34b_b79k -o sel/
 
 Rules (exactly one):
@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-if __package__ in (None, ""):  # run as a script (python launch/select.py)
+if __package__ in (None, ""):  # run as a script (python launch/select_data.py)
     # Python puts the script's folder first on sys.path, where this file would shadow the
     # standard library's `select` module (imported by subprocess, hence by torch): drop it.
     _here = Path(__file__).resolve().parent
