@@ -95,10 +95,11 @@ def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1)
             n = len(b_images)
             setattr(feats, f"{name}_img", img[start : start + n])
             setattr(feats, f"{name}_txt", txt[start : start + n])
-            if name == "retain" and teacher is not None:
+            if teacher is not None and (name == "retain" or method.teacher_on_forget):
+                prefix = "teacher" if name == "retain" else "teacher_forget"
                 with torch.no_grad():
-                    feats.teacher_img = F.normalize(teacher.encode_image(images[start : start + n]), dim=-1)
-                    feats.teacher_txt = F.normalize(teacher.encode_text(texts[start : start + n]), dim=-1)
+                    setattr(feats, f"{prefix}_img", F.normalize(teacher.encode_image(images[start : start + n]), dim=-1))
+                    setattr(feats, f"{prefix}_txt", F.normalize(teacher.encode_text(texts[start : start + n]), dim=-1))
             start += n
         return method.objective(feats, cfg)
 

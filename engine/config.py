@@ -12,7 +12,7 @@ from .errors import ConfigError
 __all__ = ["UnlearnConfig", "METHOD_NAMES", "RUN_MARKERS"]
 
 # Kept here (not imported from methods) so validating a config never imports torch models.
-METHOD_NAMES = ("cliperase", "ft", "ga", "graddiff")  # engine/methods.py defines each
+METHOD_NAMES = ("cliperase", "ft", "ga", "graddiff", "neggrad+", "kl", "multidelete")  # engine/methods.py defines each
 FORGET_MODES = ("cosine", "dot", "hinge")
 LOSS_IMPLS = ("ref", "chunked", "triton")
 SCHEDULES = ("constant", "cosine")
@@ -46,6 +46,7 @@ class UnlearnConfig:
     forget_margin: float = 0.0  # hinge margin: pairs below it feel no push
     mask_duplicate_captions: bool = False  # retain InfoNCE: identical captions are not negatives
     train_logit_scale: bool = False  # train the temperature (default: the original's, frozen)
+    beta: float = 0.9  # NegGrad+: beta * retain loss - (1 - beta) * forget loss
     loss_impl: Optional[str] = None  # loss backend: "ref", "chunked", "triton"; default by device
     # --- run
     output_dir: str = "runs/unlearn"  # report.json, the unlearned checkpoint, logs
@@ -95,6 +96,8 @@ class UnlearnConfig:
             p.append(f"warmup_steps: expected a non-negative integer, got {self.warmup_steps!r}")
         if self.schedule not in SCHEDULES:
             p.append(f"schedule: expected one of {list(SCHEDULES)}, got {self.schedule!r}")
+        if not _finite(self.beta) or not 0 <= self.beta <= 1:
+            p.append(f"beta: expected a number in [0, 1], got {self.beta!r}")
         if self.forget_mode not in FORGET_MODES:
             p.append(f"forget_mode: expected one of {list(FORGET_MODES)}, got {self.forget_mode!r}")
         if not _finite(self.forget_margin) or not -1 <= self.forget_margin <= 1:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cliperase.kernels import clip_infonce, cliperase_loss, forget_similarity
+from cliperase.kernels import clip_infonce, cliperase_loss, consistency_kl, forget_similarity
 
 from .config import UnlearnConfig
 
@@ -28,6 +28,8 @@ class Features:
     retain_txt: Optional[Tensor] = None
     teacher_img: Optional[Tensor] = None  # (Br, d) teacher on the retain batch
     teacher_txt: Optional[Tensor] = None
+    teacher_forget_img: Optional[Tensor] = None  # (Bf, d) teacher on the forget batch, when asked for
+    teacher_forget_txt: Optional[Tensor] = None
     logit_scale: Tensor | float = 1.0  # the student's multiplier s (exponentiated)
     teacher_logit_scale: Tensor | float | None = None  # the original model's s, frozen
 
@@ -40,6 +42,7 @@ class Method:
     uses_retain: bool
     uses_teacher: bool  # the frozen original model's embeddings of the retain batch
     objective: Callable[[Features, UnlearnConfig], Dict[str, Tensor]]  # must return "loss"
+    teacher_on_forget: bool = False  # the teacher's embeddings of the forget batch too
 
 
 def _n(x: Tensor) -> Tensor:
@@ -79,6 +82,32 @@ def _graddiff(f: Features, cfg: UnlearnConfig) -> Dict[str, Tensor]:
     return {"loss": retain - forget, "retain_infonce": retain, "forget_infonce": forget}
 
 
+def _neggrad_plus(f: Features, cfg: UnlearnConfig) -> Dict[str, Tensor]:
+    retain, forget = _retain_infonce(f, cfg), _forget_infonce(f, cfg)
+    loss = cfg.beta * retain - (1 - cfg.beta) * forget
+    return {"loss": loss, "retain_infonce": retain, "forget_infonce": forget}
+
+
+def _kl(f: Features, cfg: UnlearnConfig) -> Dict[str, Tensor]:
+    forget = _forget_infonce(f, cfg)
+    kl = consistency_kl(_n(f.retain_img), _n(f.retain_txt), f.teacher_img, f.teacher_txt, f.logit_scale,
+                        teacher_logit_scale=f.teacher_logit_scale, impl=cfg.loss_impl)
+    return {"loss": -forget + kl, "forget_infonce": forget, "consistency_kl": kl}
+
+
+def _multidelete(f: Features, cfg: UnlearnConfig) -> Dict[str, Tensor]:
+    # Forget: each forget pair's similarity is pulled to what the original model gives that image
+    # with another sample's caption (a roll is a derangement for batches of 2+): the pair is made
+    # to look unmatched rather than driven to -1.
+    cos = (_n(f.forget_img) * _n(f.forget_txt)).sum(dim=1)
+    shuffled = (f.teacher_forget_img * f.teacher_forget_txt.roll(1, dims=0)).sum(dim=1)
+    forget = ((cos - shuffled.detach()) ** 2).mean()
+    # Retain: unimodal embeddings stay where the original model put them (squared distance).
+    retain = ((_n(f.retain_img) - f.teacher_img) ** 2).sum(1).mean() + ((_n(f.retain_txt) - f.teacher_txt) ** 2).sum(1).mean()
+    loss = cfg.lambda_f * forget + cfg.lambda_r * retain
+    return {"loss": loss, "forget_match": forget, "retain_embedding_mse": retain}
+
+
 METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("cliperase", "CLIPErase: forget-pair similarity + retain InfoNCE + KL to the original",
            uses_forget=True, uses_retain=True, uses_teacher=True, objective=_cliperase),
@@ -88,6 +117,13 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
            uses_forget=True, uses_retain=False, uses_teacher=False, objective=_ga),
     Method("graddiff", "retain CLIP loss minus forget CLIP loss",
            uses_forget=True, uses_retain=True, uses_teacher=False, objective=_graddiff),
+    Method("neggrad+", "beta * retain CLIP loss - (1 - beta) * forget CLIP loss",
+           uses_forget=True, uses_retain=True, uses_teacher=False, objective=_neggrad_plus),
+    Method("kl", "gradient ascent on the forget CLIP loss + KL to the original on the retain set",
+           uses_forget=True, uses_retain=True, uses_teacher=True, objective=_kl),
+    Method("multidelete", "forget pairs matched to the original's shuffled-caption similarity + "
+           "retain embeddings kept (MultiDelete-style)",
+           uses_forget=True, uses_retain=True, uses_teacher=True, objective=_multidelete, teacher_on_forget=True),
 )}
 
 

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--retain-data", help="shards of image-caption pairs to keep")
     a("--eval-data", help="evaluation set in CLIP_benchmark's webdataset layout")
     a("--forget-classes", help="comma-separated class names of the eval set to forget")
-    a("--method", choices=METHOD_NAMES, help=f"unlearning method (default {_DEFAULTS.method})")
+    a("--method", help=f"unlearning method: {', '.join(METHOD_NAMES)} (default {_DEFAULTS.method})")
     a("--steps", type=int, help=f"optimizer steps (default {_DEFAULTS.steps})")
     a("--batch-size", type=int, help=f"pairs per batch, forget and retain each (default {_DEFAULTS.batch_size})")
     a("--lr", type=float, help=f"peak learning rate (default {_DEFAULTS.lr})")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cliperase.engine import UnlearnConfig, unlearn
+from cliperase.engine.config import METHOD_NAMES
 from cliperase.engine.models import register_configs
 from helpers import run_args, sha256, tiny_checkpoint, tiny_data  # noqa: F401
 from launch import unlearn as cli
@@ -21,7 +22,7 @@ def _check_metrics(m):
         assert set(part) == R_KEYS and all(0.0 <= v <= 1.0 for v in part.values())
 
 
-@pytest.mark.parametrize("method", ["cliperase", "ft", "ga", "graddiff"])
+@pytest.mark.parametrize("method", METHOD_NAMES)
 def test_tiny_run_writes_report_and_loadable_checkpoint(method, tiny_data, tiny_checkpoint, tmp_path, capsys):
     before_hash = sha256(tiny_checkpoint)
     out = tmp_path / "run"
