@@ -4,14 +4,12 @@ CPU tier: chunked at every shape and dtype (small tiles, so several tiles, uneve
 chunked at N=2500 with its default tiles, Triton in the interpreter at small sizes (fp32/fp16;
 the interpreter computes bf16 wrongly). GPU tier: Triton at the production shape in bf16.
 """
-import importlib.util
-import os
 
 import pytest
 import torch
 
-from cliperase.kernels import _contrastive, clip_infonce, clip_infonce_ref
-from cliperase.kernels._testing import assert_fast_close, embeddings, run_with_grads
+from cliperase.kernels import clip_infonce, clip_infonce_ref
+from kernel_checks import assert_fast_close, embeddings, needs_triton, run_with_grads, small_tiles  # noqa: F401
 
 # name: (n local rows, N global columns or None for single-process, d, row_offset)
 SHAPES = {
@@ -28,22 +26,6 @@ CPU_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 INTERPRETER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 SCALE = 14.3  # a mid-training CLIP multiplier; large enough to make softmaxes peaky
 
-
-def _triton_runnable():
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        return "no CUDA and TRITON_INTERPRET is not set (tests/conftest.py sets it)"
-    return None
-
-
-needs_triton = pytest.mark.skipif(_triton_runnable() is not None, reason=str(_triton_runnable()))
-
-
-@pytest.fixture
-def small_tiles(monkeypatch):
-    """Chunked tiles of 16 x 8 so that the small shapes span several, uneven tiles."""
-    monkeypatch.setattr(_contrastive, "DEFAULT_CHUNKED_CONFIG", _contrastive.ChunkedConfig(16, 8))
 
 
 def _inputs(shape, dtype, seed=0, device="cpu"):

@@ -3,17 +3,15 @@
 The two outputs get independent random upstream weights, so a gradient routed to the wrong term
 shows up. Also: importing the package does not import Triton, and the default backend on CPU.
 """
-import importlib.util
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from cliperase.kernels import _contrastive, cliperase_loss, cliperase_loss_ref
+from cliperase.kernels import cliperase_loss, cliperase_loss_ref
 from cliperase.kernels._common import resolve_impl
-from cliperase.kernels._testing import assert_fast_close, embeddings, run_with_grads
+from kernel_checks import assert_fast_close, embeddings, needs_triton, run_with_grads, small_tiles  # noqa: F401
 
 # name: (n local rows, N global columns or None for single-process, d, row_offset)
 SHAPES = {
@@ -28,21 +26,6 @@ CPU_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 INTERPRETER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 SCALE = 14.3
 
-
-def _triton_skip_reason():
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        return "no CUDA and TRITON_INTERPRET is not set (tests/conftest.py sets it)"
-    return None
-
-
-needs_triton = pytest.mark.skipif(_triton_skip_reason() is not None, reason=str(_triton_skip_reason()))
-
-
-@pytest.fixture
-def small_tiles(monkeypatch):
-    monkeypatch.setattr(_contrastive, "DEFAULT_CHUNKED_CONFIG", _contrastive.ChunkedConfig(16, 8))
 
 
 def _inputs(shape, dtype, device="cpu", seed=0):

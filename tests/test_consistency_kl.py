@@ -4,14 +4,12 @@ Gradients are checked for the student rows and columns and for `logit_scale`, bo
 default teacher scale (the same tensor, so it also receives the teacher path's gradient, as in
 the reference) and with a separate frozen `teacher_logit_scale`.
 """
-import importlib.util
-import os
 
 import pytest
 import torch
 
-from cliperase.kernels import _contrastive, consistency_kl, consistency_kl_ref
-from cliperase.kernels._testing import assert_fast_close, embeddings, run_with_grads
+from cliperase.kernels import consistency_kl, consistency_kl_ref
+from kernel_checks import assert_fast_close, embeddings, needs_triton, run_with_grads, small_tiles  # noqa: F401
 
 # name: (n local rows, N global columns or None for single-process, d, row_offset)
 SHAPES = {
@@ -28,21 +26,6 @@ INTERPRETER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 SCALE = 14.3
 TEACHER_SCALES = {"shared": None, "frozen": 11.0}
 
-
-def _triton_skip_reason():
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        return "no CUDA and TRITON_INTERPRET is not set (tests/conftest.py sets it)"
-    return None
-
-
-needs_triton = pytest.mark.skipif(_triton_skip_reason() is not None, reason=str(_triton_skip_reason()))
-
-
-@pytest.fixture
-def small_tiles(monkeypatch):
-    monkeypatch.setattr(_contrastive, "DEFAULT_CHUNKED_CONFIG", _contrastive.ChunkedConfig(16, 8))
 
 
 def _inputs(shape, dtype, device="cpu", seed=0):

@@ -1,4 +1,4 @@
-"""Helpers shared by the kernel tests and benchmarks (not part of the public API).
+"""Helpers shared by the kernel tests: the numerical check, inputs, and the Triton tier.
 
 The numerical check of /work/shared/STYLE.md rule 6: `ref(upcast=True)` is the truth; a fast
 path passes when its error is at most twice the error of `ref` run in the low precision, plus a
@@ -6,13 +6,17 @@ small tolerance relative to the truth's magnitude.
 """
 from __future__ import annotations
 
-from typing import Callable, List, NamedTuple, Sequence
+import importlib.util
+import os
+from typing import Callable, List, NamedTuple, Optional, Sequence
+
+import pytest
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Result", "run_with_grads", "assert_fast_close", "embeddings", "RTOL"]
+__all__ = ["Result", "run_with_grads", "assert_fast_close", "embeddings", "RTOL", "needs_triton", "small_tiles"]
 
 # Tolerance relative to max|truth|, added to 2 x the low-precision reference's error.
 RTOL = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -69,3 +73,22 @@ def assert_fast_close(fast: Result, low: Result, truth: Result, dtype: torch.dty
         floor = 1.0 if name.startswith("value") else 0.1 if name == "grad[logit_scale]" else 1e-3
         tol = 2 * err_low + RTOL[dtype] * max(t.abs().max().item(), floor)
         assert err_fast <= tol, f"{what} {name}: error {err_fast:.3g} > {tol:.3g} (low-precision ref error {err_low:.3g})"
+
+
+def _triton_skip_reason() -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA and TRITON_INTERPRET is not set (tests/conftest.py sets it)"
+    return None
+
+
+needs_triton = pytest.mark.skipif(_triton_skip_reason() is not None, reason=str(_triton_skip_reason()))
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Chunked tiles of 16 x 8 so that the small shapes span several, uneven tiles."""
+    from cliperase.kernels import _contrastive
+
+    monkeypatch.setattr(_contrastive, "DEFAULT_CHUNKED_CONFIG", _contrastive.ChunkedConfig(16, 8))
