@@ -16,6 +16,7 @@ METHOD_NAMES = ("cliperase", "ft", "ga", "graddiff", "neggrad+", "kl", "multidel
 FORGET_MODES = ("cosine", "dot", "hinge")
 LOSS_IMPLS = ("ref", "chunked", "triton")
 SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("fp32", "bf16", "fp16")
 # Files whose presence marks a directory as holding a run (started or finished).
 RUN_MARKERS = ("run.json", "report.json")
 
@@ -54,6 +55,13 @@ class UnlearnConfig:
     log_every: int = 10  # steps between logged losses (the only host syncs in the loop)
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     eval_batch_size: int = 256  # images per evaluation batch
+    # --- scale (DeepSpeed; engine/ds_config.py builds its config from these fields)
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3; >0 runs through deepspeed.initialize even on 1 process
+    precision: str = "fp32"  # training precision: "fp32", "bf16" or "fp16" (not fp32: through DeepSpeed)
+    grad_checkpointing: bool = False  # recompute tower activations in backward (open_clip set_grad_checkpointing)
+    accum_steps: int = 1  # micro-batches accumulated per optimizer step (global batch = batch_size * world * accum)
+    grad_clip: float = 0.0  # clip the global gradient norm to this value; 0 = off
+    deepspeed_config: Optional[str] = None  # JSON file merged into the built DeepSpeed config; conflicts are errors
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -82,7 +90,7 @@ class UnlearnConfig:
         p: List[str] = []
         if self.method not in METHOD_NAMES:
             p.append(f"method: unknown method {self.method!r}; available: {', '.join(METHOD_NAMES)}")
-        for name in ("steps", "batch_size", "log_every", "eval_batch_size"):
+        for name in ("steps", "batch_size", "log_every", "eval_batch_size", "accum_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 p.append(f"{name}: expected a positive integer, got {v!r}")
@@ -104,6 +112,18 @@ class UnlearnConfig:
             p.append(f"forget_margin: expected a number in [-1, 1], got {self.forget_margin!r}")
         if self.loss_impl is not None and self.loss_impl not in LOSS_IMPLS:
             p.append(f"loss_impl: expected one of {list(LOSS_IMPLS)} or None, got {self.loss_impl!r}")
+        if not isinstance(self.zero_stage, int) or isinstance(self.zero_stage, bool) or self.zero_stage not in (0, 1, 2, 3):
+            p.append(f"zero_stage: expected 0, 1, 2 or 3, got {self.zero_stage!r}")
+        if self.precision not in PRECISIONS:
+            p.append(f"precision: expected one of {list(PRECISIONS)}, got {self.precision!r}")
+        if not isinstance(self.grad_checkpointing, bool):
+            p.append(f"grad_checkpointing: expected true or false, got {self.grad_checkpointing!r}")
+        if not _finite(self.grad_clip) or self.grad_clip < 0:
+            p.append(f"grad_clip: expected a non-negative number (0 = off), got {self.grad_clip!r}")
+        if self.deepspeed_config is not None:
+            from .ds_config import deepspeed_config_problems
+
+            p.extend(deepspeed_config_problems(self))
         if not (self.device == "auto" or self.device == "cpu" or str(self.device).startswith("cuda")):
             p.append(f"device: expected 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         p.extend(check_model_spec(self.model, self.pretrained))

@@ -31,6 +31,16 @@ class Features:
     teacher_forget_img: Optional[Tensor] = None  # (Bf, d) teacher on the forget batch, when asked for
     teacher_forget_txt: Optional[Tensor] = None
     logit_scale: Tensor | float = 1.0  # the student's multiplier s (exponentiated)
+    # Distributed: the global batch, every rank's rows in rank order (engine/distributed.py
+    # gather_rows; the student's carry gradient), this rank's rows at row_offset of it. One
+    # process: each *_all is the local tensor itself (or None) and row_offset is 0.
+    forget_img_all: Optional[Tensor] = None  # (world * Bf, d)
+    forget_txt_all: Optional[Tensor] = None
+    retain_img_all: Optional[Tensor] = None  # (world * Br, d)
+    retain_txt_all: Optional[Tensor] = None
+    teacher_img_all: Optional[Tensor] = None  # (world * Br, d) normalised, no gradient
+    teacher_txt_all: Optional[Tensor] = None
+    row_offset: int = 0
     teacher_logit_scale: Tensor | float | None = None  # the original model's s, frozen
 
 
@@ -49,10 +59,23 @@ def _n(x: Tensor) -> Tensor:
     return F.normalize(x, dim=-1)
 
 
+def _cols(f: Features, part: str, *, teacher: bool = False) -> dict:
+    """Loss keyword arguments for local rows against the global batch's columns; {} on one
+    process (then the losses take their symmetric single-batch path, unchanged)."""
+    img, img_all = getattr(f, f"{part}_img"), getattr(f, f"{part}_img_all")
+    if img_all is None or img_all is img:
+        return {}
+    kw = {"zi_all": _n(img_all), "zt_all": _n(getattr(f, f"{part}_txt_all")), "row_offset": f.row_offset}
+    if teacher:
+        kw.update(zi0_all=f.teacher_img_all, zt0_all=f.teacher_txt_all)
+    return kw
+
+
 def _cliperase(f: Features, cfg: UnlearnConfig) -> Dict[str, Tensor]:
     zi, zt = _n(f.retain_img), _n(f.retain_txt)
     infonce, kl = cliperase_loss(zi, zt, f.teacher_img, f.teacher_txt, f.logit_scale,
-                                 teacher_logit_scale=f.teacher_logit_scale, impl=cfg.loss_impl)
+                                 teacher_logit_scale=f.teacher_logit_scale, impl=cfg.loss_impl,
+                                 **_cols(f, "retain", teacher=True))
     # "dot" reads the raw features as given (one reading of the paper); the others normalise.
     forget = forget_similarity(f.forget_img, f.forget_txt, mode=cfg.forget_mode, margin=cfg.forget_margin)
     loss = cfg.lambda_r * infonce + cfg.lambda_f * forget + cfg.lambda_c * kl
@@ -60,11 +83,11 @@ def _cliperase(f: Features, cfg: UnlearnConfig) -> Dict[str, Tensor]:
 
 
 def _retain_infonce(f: Features, cfg: UnlearnConfig) -> Tensor:
-    return clip_infonce(_n(f.retain_img), _n(f.retain_txt), f.logit_scale, impl=cfg.loss_impl)
+    return clip_infonce(_n(f.retain_img), _n(f.retain_txt), f.logit_scale, impl=cfg.loss_impl, **_cols(f, "retain"))
 
 
 def _forget_infonce(f: Features, cfg: UnlearnConfig) -> Tensor:
-    return clip_infonce(_n(f.forget_img), _n(f.forget_txt), f.logit_scale, impl=cfg.loss_impl)
+    return clip_infonce(_n(f.forget_img), _n(f.forget_txt), f.logit_scale, impl=cfg.loss_impl, **_cols(f, "forget"))
 
 
 def _ft(f: Features, cfg: UnlearnConfig) -> Dict[str, Tensor]:
@@ -91,7 +114,8 @@ def _neggrad_plus(f: Features, cfg: UnlearnConfig) -> Dict[str, Tensor]:
 def _kl(f: Features, cfg: UnlearnConfig) -> Dict[str, Tensor]:
     forget = _forget_infonce(f, cfg)
     kl = consistency_kl(_n(f.retain_img), _n(f.retain_txt), f.teacher_img, f.teacher_txt, f.logit_scale,
-                        teacher_logit_scale=f.teacher_logit_scale, impl=cfg.loss_impl)
+                        teacher_logit_scale=f.teacher_logit_scale, impl=cfg.loss_impl,
+                        **_cols(f, "retain", teacher=True))
     return {"loss": -forget + kl, "forget_infonce": forget, "consistency_kl": kl}
 
 

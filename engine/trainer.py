@@ -1,8 +1,9 @@
 """The one training loop: every method and pretraining step through it.
 
-A step function returns named losses (with "loss" the one to minimise); the loop owns the
-optimizer, the schedule, progress, logging and the finiteness check. Host syncs happen only on
-log steps.
+A step function returns named losses (with "loss" the one to minimise); the loop owns
+progress, logging and the finiteness check, and hands backward and the optimizer step to a
+Stepper: `TorchStepper` (AdamW + the lr schedule on plain parameters) or `DeepSpeedStepper`
+(`engine.backward(loss); engine.step()`). Host syncs happen only on log steps.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-__all__ = ["NonFiniteLoss", "make_optimizer", "lr_factor", "train_loop", "resolve_device"]
+__all__ = ["NonFiniteLoss", "make_optimizer", "lr_factor", "TorchStepper", "DeepSpeedStepper", "train_loop",
+           "resolve_device"]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -48,8 +50,72 @@ def lr_factor(step: int, *, steps: int, warmup_steps: int, schedule: str) -> flo
     return 1.0
 
 
+class TorchStepper:
+    """Plain torch: AdamW and a LambdaLR of `lr_fn` (multiplier of `lr` per optimizer step).
+
+    `backward` and `step` are called once per micro-batch, as DeepSpeed's are: gradients of
+    `accum_steps` micro-batches are averaged, then (at the boundary) clipped to `grad_clip`
+    (0 = off), applied, zeroed, and the schedule advances.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], *, lr: float, weight_decay: float,
+                 lr_fn: Callable[[int], float], accum_steps: int = 1, grad_clip: float = 0.0):
+        self.optimizer = make_optimizer(params, lr, weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_fn)
+        self.accum_steps, self.grad_clip, self.micro = accum_steps, grad_clip, 0
+
+    def backward(self, loss: Tensor) -> None:
+        (loss if self.accum_steps == 1 else loss / self.accum_steps).backward()
+
+    def step(self) -> None:
+        self.micro += 1
+        if self.micro % self.accum_steps:
+            return
+        if self.grad_clip > 0:
+            nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def for_log(self, losses: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        return losses
+
+
+class DeepSpeedStepper:
+    """A DeepSpeed engine: it scales for accumulation, reduces gradients across ranks, clips,
+    steps its optimizer and lr scheduler at accumulation boundaries."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def backward(self, loss: Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    @property
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def for_log(self, losses: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """The global batch's losses: each rank's are means over its equal share of rows, so their
+        mean over ranks is the global mean. Collective: every rank calls it on log steps only."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return losses
+        stacked = torch.stack([v.float() for v in losses.values()])
+        dist.all_reduce(stacked)
+        return dict(zip(losses, stacked / dist.get_world_size()))
+
+
 def train_loop(
-    params: Iterable[nn.Parameter],
+    params: Optional[Iterable[nn.Parameter]],
     step_fn: Callable[[], Dict[str, Tensor]],
     *,
     steps: int,
@@ -61,14 +127,19 @@ def train_loop(
     log_path: Optional[Path] = None,
     desc: str = "train",
     progress: bool = True,
+    stepper=None,
+    accum_steps: int = 1,
 ) -> List[dict]:
-    """Run `steps` optimizer steps; returns the logged rows (step, lr, each named loss, rate).
+    """Run `steps` optimizer steps of `accum_steps` micro-batches each; returns the logged rows
+    (step, lr, each named loss averaged over the step's micro-batches, rate).
 
-    Raises NonFiniteLoss at the first log step whose losses are not all finite.
+    `stepper`: a TorchStepper or DeepSpeedStepper; None builds a TorchStepper over `params`
+    with `lr`, `weight_decay` and the schedule. Raises NonFiniteLoss at the first log step whose
+    losses are not all finite.
     """
-    optimizer = make_optimizer(params, lr, weight_decay)
-    schedule_fn = lambda s: lr_factor(s, steps=steps, warmup_steps=warmup_steps, schedule=schedule)  # noqa: E731
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_fn)
+    if stepper is None:
+        schedule_fn = lambda s: lr_factor(s, steps=steps, warmup_steps=warmup_steps, schedule=schedule)  # noqa: E731
+        stepper = TorchStepper(params, lr=lr, weight_decay=weight_decay, lr_fn=schedule_fn, accum_steps=accum_steps)
     history: List[dict] = []
     log = open(log_path, "a") if log_path else None
     t0 = last_t = time.perf_counter()
@@ -76,18 +147,21 @@ def train_loop(
     try:
         bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
         for step in bar:
-            losses = step_fn()
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
-            scheduler.step()
+            for micro in range(accum_steps):
+                micro_losses = step_fn()
+                stepper.backward(micro_losses["loss"])
+                stepper.step()
+                detached = {k: v.detach() for k, v in micro_losses.items()}
+                losses = detached if micro == 0 else {k: losses[k] + v for k, v in detached.items()}
+            if accum_steps > 1:
+                losses = {k: v / accum_steps for k, v in losses.items()}
             if (step + 1) % log_every == 0 or step + 1 == steps:
-                values = {k: v.item() for k, v in losses.items()}  # the loop's only host sync
+                values = {k: v.item() for k, v in stepper.for_log(losses).items()}  # the loop's only host sync
                 bad = [k for k, v in values.items() if not math.isfinite(v)]
                 if bad:
                     raise NonFiniteLoss(f"step {step + 1}: non-finite loss term(s) {bad}: {values}")
                 now = time.perf_counter()
-                row = {"step": step + 1, "lr": optimizer.param_groups[0]["lr"], **values,
+                row = {"step": step + 1, "lr": stepper.lr, **values,
                        "steps_per_s": (step + 1 - last_step) / max(now - last_t, 1e-9), "elapsed_s": now - t0}
                 last_t, last_step = now, step + 1
                 history.append(row)

@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, help="seed of data order and initialisation (default 0)")
     a("--output-dir", help=f"where report.json and the unlearned checkpoint go (default {_DEFAULTS.output_dir})")
     a("--overwrite", action="store_true", default=None, help="allow --output-dir to hold an earlier run")
+    a("--zero-stage", type=int, help="DeepSpeed ZeRO stage 0-3 (default 0: plain torch on one process)")
+    a("--precision", help="training precision: fp32, bf16 or fp16 (default fp32)")
+    a("--grad-checkpointing", action="store_true", default=None, help="recompute activations in backward")
+    a("--accum-steps", type=int, help="micro-batches accumulated per optimizer step (default 1)")
+    a("--deepspeed-config", help="DeepSpeed JSON merged into the built config; conflicts with flags are errors")
     a("--config", help="JSON file of UnlearnConfig fields; flags given on the command line win")
     a("--set", action="append", default=[], metavar="FIELD=VALUE",
       help="any other UnlearnConfig field (JSON value), e.g. --set lambda_f=1 --set forget_mode='\"hinge\"'")
@@ -62,7 +67,8 @@ def config_from_args(args: argparse.Namespace) -> Optional[UnlearnConfig]:
         except json.JSONDecodeError:
             given[key] = value
     for name in ("model", "pretrained", "forget_data", "retain_data", "eval_data", "method", "steps",
-                 "batch_size", "lr", "seed", "output_dir", "overwrite"):
+                 "batch_size", "lr", "seed", "output_dir", "overwrite", "zero_stage", "precision",
+                 "grad_checkpointing", "accum_steps", "deepspeed_config"):
         value = getattr(args, name)
         if value is not None:
             given[name] = value
@@ -100,7 +106,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exc:
         print(f"unlearn: error: {exc}", file=sys.stderr)
         return 2
-    print_summary(report)
+    if report is not None:  # None on ranks other than 0 of a distributed run
+        print_summary(report)
     return 0
 
 
