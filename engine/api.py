@@ -21,6 +21,7 @@ from .data import PairStream, load_eval_set, loader, resolve_shards
 from .evaluate import evaluate
 from .methods import Features, get_method
 from .models import load_model
+from .telemetry import DataWaitTimer, GpuSampler
 from .trainer import DeepSpeedStepper, TorchStepper, lr_factor, make_optimizer, resolve_device, train_loop
 
 __all__ = ["unlearn"]
@@ -220,14 +221,16 @@ def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1)
         stepper = TorchStepper(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, lr_fn=lr_fn,
                                accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip)
 
+    data_wait = DataWaitTimer()
+
     def stream(spec: str, what: str, offset: int):
         shards = resolve_shards(spec, what)
         batches = loader(PairStream(shards, loaded.preprocess, loaded.tokenizer, cfg.batch_size * world,
                                     seed=cfg.seed + offset, what=what), data_workers)
-        if world == 1:
-            return batches
-        rows = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)  # this rank's part of the global batch
-        return ((images[rows], texts[rows]) for images, texts in batches)
+        if world > 1:
+            rows = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)  # this rank's part of the global batch
+            batches = ((images[rows], texts[rows]) for images, texts in batches)
+        return data_wait.wrap(batches)
 
     forget_batches = stream(cfg.forget_data, "forget_data", 0) if method.uses_forget else None
     retain_batches = stream(cfg.retain_data, "retain_data", 1_000_003) if method.uses_retain else None
@@ -263,10 +266,15 @@ def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1)
         return method.objective(feats, cfg)
 
     t_train = time.perf_counter()
-    history = train_loop(
-        None, step, steps=cfg.steps, lr=cfg.lr, log_every=cfg.log_every, log_path=out / "log.jsonl" if main else None,
-        desc=f"unlearn[{cfg.method}]", progress=progress and main, stepper=stepper, accum_steps=cfg.accum_steps,
-    )
+    gpu = GpuSampler(interval_s=2.0).start()  # says once and carries on when there is no GPU or NVML
+    try:
+        history = train_loop(
+            None, step, steps=cfg.steps, lr=cfg.lr, log_every=cfg.log_every, log_path=out / "log.jsonl" if main else None,
+            desc=f"unlearn[{cfg.method}]", progress=progress and main, stepper=stepper, accum_steps=cfg.accum_steps,
+            timer=data_wait,
+        )
+    finally:
+        gpu_summary = gpu.stop()
     train_s = time.perf_counter() - t_train
     if use_ds:
         state = _full_state_dict(towers, buffers, shapes)  # every rank takes part
@@ -290,6 +298,9 @@ def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1)
         "after": after,
         "final_losses": {k: v for k, v in history[-1].items() if k not in ("step", "lr", "steps_per_s", "elapsed_s")},
         "checkpoint": str(out / "model.pt"),
+        # GPU utilisation, memory, power, clocks (NVML) and the share of step time spent waiting
+        # for data, both measured during training.
+        "telemetry": {"gpu": gpu_summary, "data": data_wait.summary()},
     }
     write_json(report, out / "report.json")
     write_json({**run_info, "status": "finished"}, out / "run.json")

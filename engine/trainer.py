@@ -7,6 +7,7 @@ Stepper: `TorchStepper` (AdamW + the lr schedule on plain parameters) or `DeepSp
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -129,10 +130,13 @@ def train_loop(
     progress: bool = True,
     stepper=None,
     accum_steps: int = 1,
+    timer=None,
 ) -> List[dict]:
     """Run `steps` optimizer steps of `accum_steps` micro-batches each; returns the logged rows
     (step, lr, each named loss averaged over the step's micro-batches, rate).
 
+    `timer`: a telemetry.DataWaitTimer whose `step()` times each optimizer step (for the share
+    of step time spent waiting for data), or None.
     `stepper`: a TorchStepper or DeepSpeedStepper; None builds a TorchStepper over `params`
     with `lr`, `weight_decay` and the schedule. Raises NonFiniteLoss at the first log step whose
     losses are not all finite.
@@ -147,12 +151,13 @@ def train_loop(
     try:
         bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
         for step in bar:
-            for micro in range(accum_steps):
-                micro_losses = step_fn()
-                stepper.backward(micro_losses["loss"])
-                stepper.step()
-                detached = {k: v.detach() for k, v in micro_losses.items()}
-                losses = detached if micro == 0 else {k: losses[k] + v for k, v in detached.items()}
+            with timer.step() if timer is not None else contextlib.nullcontext():
+                for micro in range(accum_steps):
+                    micro_losses = step_fn()
+                    stepper.backward(micro_losses["loss"])
+                    stepper.step()
+                    detached = {k: v.detach() for k, v in micro_losses.items()}
+                    losses = detached if micro == 0 else {k: losses[k] + v for k, v in detached.items()}
             if accum_steps > 1:
                 losses = {k: v / accum_steps for k, v in losses.items()}
             if (step + 1) % log_every == 0 or step + 1 == steps:

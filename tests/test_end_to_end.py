@@ -30,6 +30,10 @@ def test_tiny_run_writes_report_and_loadable_checkpoint(method, tiny_data, tiny_
     report = json.loads((out / "report.json").read_text())
     assert {"method", "model", "config", "steps", "wall_s", "before", "after"} <= set(report)
     assert report["method"] == method and report["steps"] == 3 and report["wall_s"] > 0
+    data = report["telemetry"]["data"]
+    assert data["steps"] == 3 and 0.0 <= data["data_wait_fraction"] <= 1.0
+    if not torch.cuda.is_available():
+        assert report["telemetry"]["gpu"]["available"] is False and report["telemetry"]["gpu"]["reason"]
     _check_metrics(report["before"])
     _check_metrics(report["after"])
     assert sha256(tiny_checkpoint) == before_hash, "the input checkpoint must never change"
