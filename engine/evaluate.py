@@ -2,8 +2,10 @@
 recall, each split into the forget part and the retain part."""
 from __future__ import annotations
 
+import math
 import re
-from typing import Callable, Dict, List, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,9 @@ from torch import Tensor, nn
 
 from .data import EvalSet
 
-__all__ = ["zeroshot_classifier", "zeroshot_accuracy", "retrieval_recall", "forget_mask", "evaluate"]
+__all__ = ["zeroshot_classifier", "zeroshot_accuracy", "retrieval_recall", "forget_mask", "evaluate",
+           "EvalEmbeddings", "embed_eval_set", "zeroshot_metrics", "retrieval_metrics", "benchmark_metrics",
+           "TASKS"]
 
 RECALL_KS = (1, 5, 10)
 
@@ -117,3 +121,148 @@ def evaluate(model: nn.Module, tokenizer: Callable, ev: EvalSet, forget_classes:
         return result
     finally:
         model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark-style evaluation: CLIP_benchmark's task and metric names, each metric also on the
+# forget part and the retain part. The embeddings are computed once per model and dataset and
+# every metric is a pure function of them, so the metrics are tested on hand-built embeddings.
+
+TASKS = ("zeroshot_classification", "zeroshot_retrieval")  # CLIP_benchmark's task names
+
+
+@dataclass
+class EvalEmbeddings:
+    """One model's embeddings of one evaluation set, all L2-normalised fp32 on the CPU."""
+
+    image_emb: Tensor  # (M, d)
+    classifier: Optional[Tensor]  # (C, d) class embeddings, None without labels/classnames
+    text_emb: Tensor  # (T, d) every caption, image by image; (0, d) without captions
+    text_owner: Tensor  # (T,) int64 index of each caption's image
+
+
+def _batched(fn: Callable[[int, int], Tensor], n: int, batch_size: int, bar) -> Tensor:
+    out = []
+    for i in range(0, n, batch_size):
+        out.append(fn(i, min(i + batch_size, n)).float().cpu())
+        bar.update(min(i + batch_size, n) - i)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def embed_eval_set(model: nn.Module, tokenizer: Callable, ev: EvalSet, *, batch_size: int = 256,
+                   progress: bool = False, desc: str = "embed") -> EvalEmbeddings:
+    """Embed an evaluation set once: images, class prompts (one classifier per model and set)
+    and captions, in batches of `batch_size` on the model's device, with a tqdm bar over
+    images + prompts + captions when `progress`. The model's train/eval mode is restored.
+
+    Raises ValueError for a non-positive `batch_size`.
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size <= 0:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
+    device = next(model.parameters()).device
+    texts: List[str] = [c for caps in ev.captions for c in caps]
+    has_classes = ev.labels is not None and bool(ev.classnames)
+    prompts = [t.replace("{c}", c) for c in ev.classnames for t in ev.templates] if has_classes else []
+    was_training = model.training
+    model.eval()
+    try:
+        with tqdm(total=len(ev.images) + len(prompts) + len(texts), desc=desc, disable=not progress,
+                  dynamic_ncols=True, unit="item") as bar:
+            image_emb = _batched(lambda a, b: model.encode_image(ev.images[a:b].to(device), normalize=True),
+                                 len(ev.images), batch_size, bar)
+
+            def encode(strings: List[str]) -> Tensor:
+                return _batched(lambda a, b: model.encode_text(tokenizer(strings[a:b]).to(device), normalize=True),
+                                len(strings), batch_size, bar)
+
+            classifier = None
+            if has_classes:
+                per_prompt = encode(prompts).view(len(ev.classnames), len(ev.templates), -1)
+                classifier = F.normalize(per_prompt.mean(dim=1), dim=-1)
+            text_emb = encode(texts) if texts else torch.empty(0, image_emb.shape[1])
+    finally:
+        model.train(was_training)
+    owner = torch.tensor([i for i, caps in enumerate(ev.captions) for _ in caps], dtype=torch.long)
+    return EvalEmbeddings(image_emb, classifier, text_emb, owner)
+
+
+def _mean_per_class_recall(pred: Tensor, labels: Tensor) -> float:
+    """Mean over the classes present in `labels` of the fraction of their images predicted right."""
+    classes = labels.unique()
+    if len(classes) == 0:
+        return float("nan")
+    return torch.stack([(pred[labels == c] == c).float().mean() for c in classes]).mean().item()
+
+
+def zeroshot_metrics(image_emb: Tensor, classifier: Tensor, labels: Tensor, is_forget: Tensor) -> Dict[str, float]:
+    """Zero-shot classification in CLIP_benchmark's names, on all images and on each part.
+
+    Args:
+        image_emb: (M, d) normalised. classifier: (C, d) normalised class embeddings.
+        labels: (M,) int64 class indices. is_forget: (M,) bool.
+    Returns:
+        {"acc1", "acc5", "mean_per_class_recall"} over all M images, the same three prefixed
+        "forget_" and "retain_" over each part, and "n_forget", "n_retain" (image counts).
+        A part without images gets NaN. Top-5 with fewer than 5 classes is top-C (always 1).
+    """
+    if not (len(image_emb) == len(labels) == len(is_forget)):
+        raise ValueError(f"image_emb, labels, is_forget: expected equal lengths, got "
+                         f"{len(image_emb)}, {len(labels)}, {len(is_forget)}")
+    is_forget = is_forget.bool()
+    pred = (image_emb @ classifier.T).argmax(dim=1) if len(image_emb) else labels
+    out: Dict[str, float] = {}
+    for prefix, keep in (("", torch.ones_like(is_forget)), ("forget_", is_forget), ("retain_", ~is_forget)):
+        out[f"{prefix}acc1"] = zeroshot_accuracy(image_emb[keep], classifier, labels[keep], k=1)
+        out[f"{prefix}acc5"] = zeroshot_accuracy(image_emb[keep], classifier, labels[keep], k=5)
+        out[f"{prefix}mean_per_class_recall"] = _mean_per_class_recall(pred[keep], labels[keep])
+    out["n_forget"], out["n_retain"] = int(is_forget.sum()), int((~is_forget).sum())
+    return out
+
+
+def retrieval_metrics(image_emb: Tensor, text_emb: Tensor, text_owner: Tensor, is_forget: Tensor,
+                      ks: Sequence[int] = RECALL_KS) -> Dict[str, float]:
+    """Retrieval recall@k in CLIP_benchmark's names, on all pairs and within each part.
+
+    CLIP_benchmark's "image_retrieval_recall@k" is text->image (a caption retrieves its image,
+    our t2i) and "text_retrieval_recall@k" is image->text (i2t). Within a part, only that part's
+    images and their captions are candidates, as in `evaluate`.
+
+    Args:
+        image_emb: (M, d), text_emb: (T, d), both normalised; text_owner: (T,) image index of
+        each caption; is_forget: (M,) bool.
+    Returns:
+        {"image_retrieval_recall@k", "text_retrieval_recall@k"} for each k, the same prefixed
+        "forget_" and "retain_", and "n_forget", "n_retain" (image counts). NaN for an empty part.
+    """
+    if len(image_emb) != len(is_forget) or len(text_emb) != len(text_owner):
+        raise ValueError(f"image_emb/is_forget and text_emb/text_owner: expected equal lengths, got "
+                         f"{len(image_emb)}/{len(is_forget)} and {len(text_emb)}/{len(text_owner)}")
+    is_forget = is_forget.bool()
+    out: Dict[str, float] = {}
+    for prefix, keep in (("", torch.ones_like(is_forget)), ("forget_", is_forget), ("retain_", ~is_forget)):
+        images = torch.nonzero(keep).flatten()
+        remap = torch.full((len(image_emb),), -1, dtype=torch.long)
+        remap[images] = torch.arange(len(images))
+        sel = keep[text_owner]
+        r = retrieval_recall(image_emb[images], text_emb[sel], remap[text_owner[sel]], ks=ks)
+        for k in ks:
+            out[f"{prefix}image_retrieval_recall@{k}"] = r[f"t2i_r{k}"]
+            out[f"{prefix}text_retrieval_recall@{k}"] = r[f"i2t_r{k}"]
+    out["n_forget"], out["n_retain"] = int(is_forget.sum()), int((~is_forget).sum())
+    return out
+
+
+def benchmark_metrics(emb: EvalEmbeddings, ev: EvalSet, forget_classes: Sequence[str]) -> Dict[str, Dict[str, float]]:
+    """{task: metrics} for each task of TASKS the set supports (labels for classification,
+    captions for retrieval). NaN values are returned as None so the result is strict JSON."""
+    is_forget = forget_mask(ev, forget_classes) if forget_classes else torch.zeros(len(ev.images), dtype=torch.bool)
+    out: Dict[str, Dict[str, float]] = {}
+    if emb.classifier is not None:
+        out["zeroshot_classification"] = zeroshot_metrics(emb.image_emb, emb.classifier, ev.labels, is_forget)
+    if len(emb.text_emb):
+        out["zeroshot_retrieval"] = retrieval_metrics(emb.image_emb, emb.text_emb, emb.text_owner, is_forget)
+    return {task: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in m.items()}
+            for task, m in out.items()}

@@ -1,0 +1,316 @@
+"""Compare unlearning methods on the same model, data, budget and seed.
+
+    python launch/compare.py                                  # every method on the embedded default
+    python launch/compare.py --methods cliperase,ga --steps 30
+    python launch/compare.py --model ViT-B-32 --pretrained laion2b_s34b_b79k --forget-data f/ \\
+        --retain-data r/ --eval-data eval/ --forget-classes dog --heldout-eval imagenet_wds/ \\
+        --holdout-data unseen_dogs/ --output-dir runs/compare
+
+Each method runs through cliperase.engine.unlearn with one config that differs only in the
+method (run folder --output-dir/<method>/). Then every unlearned checkpoint and the original are
+scored with the same code, and --output-dir gets:
+  compare.md                 the table: forget/retain zero-shot acc, held-out zero-shot acc
+                             (--heldout-eval), retrieval R@1, forget-pair cosine, MIA AUC, wall time
+  compare.json               every number behind the table, histogram data included
+  losses.png                 each method's loss terms over steps (from its log.jsonl)
+  forget_vs_retain.png       final forget vs retain zero-shot accuracy per method
+  similarity.png             forget-pair cosine distributions, original vs each method
+MIA: a similarity-threshold attack, forget pairs (members) vs never-seen pairs of the same
+distribution (--holdout-data shards; the embedded default generates them with another seed;
+otherwise the eval set's forget-class images and captions). AUC 0.5 = cannot tell them apart.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+if __package__ in (None, ""):  # run as a script (python launch/compare.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cliperase.engine import ConfigError, UnlearnConfig, unlearn  # noqa: E402
+
+_DATA_FLAGS = ("model", "pretrained", "forget_data", "retain_data", "eval_data", "forget_classes")
+_HOLDOUT_SEED = 7919  # the embedded default's never-seen pairs: a seed neither train (0) nor eval (1) uses
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cliperase.engine.methods import METHODS
+
+    p = argparse.ArgumentParser(prog="compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--methods", default=",".join(METHODS), help=f"comma-separated methods (default: all, {','.join(METHODS)})")
+    a("--model", help="open_clip architecture name")
+    a("--pretrained", help="open_clip tag or a local checkpoint path")
+    a("--forget-data", help="shards of image-caption pairs to forget")
+    a("--retain-data", help="shards of image-caption pairs to keep")
+    a("--eval-data", help="evaluation set in CLIP_benchmark's webdataset layout")
+    a("--forget-classes", help="comma-separated class names of the eval set to forget")
+    a("--steps", type=int, help="optimizer steps, every method (default: the demo's or the config's)")
+    a("--batch-size", type=int, help="pairs per batch, forget and retain each")
+    a("--lr", type=float, help="peak learning rate")
+    a("--seed", type=int, help="seed of data order and initialisation")
+    a("--config", help="JSON file of UnlearnConfig fields shared by every method")
+    a("--set", action="append", default=[], metavar="FIELD=VALUE", help="any other UnlearnConfig field (JSON value)")
+    a("--heldout-eval", action="append", default=[], help="held-out zero-shot set (CLIP_benchmark layout; repeatable)")
+    a("--holdout-data", help="never-seen pairs of the forget distribution (shards), the MIA's non-members")
+    a("--max-pairs", type=int, default=1000, help="forget / never-seen pairs scored for the histograms and MIA (default 1000)")
+    a("--output-dir", default="runs/compare", help="where the runs and the comparison go (default runs/compare)")
+    a("--overwrite", action="store_true", help="allow --output-dir to hold earlier runs")
+    a("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def base_config(args: argparse.Namespace) -> Tuple[UnlearnConfig, bool]:
+    """The config every method shares, and whether it is the embedded default."""
+    given: dict = {}
+    if args.config:
+        given.update(json.loads(Path(args.config).read_text()))
+    known = {f.name for f in fields(UnlearnConfig)}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise ConfigError([f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(known)}"])
+        try:
+            given[key] = json.loads(value)
+        except json.JSONDecodeError:
+            given[key] = value
+    for name in ("model", "pretrained", "forget_data", "retain_data", "eval_data", "steps", "batch_size", "lr", "seed"):
+        if getattr(args, name) is not None:
+            given[name] = getattr(args, name)
+    if args.forget_classes is not None:
+        given["forget_classes"] = [c.strip() for c in args.forget_classes.split(",") if c.strip()]
+    given.pop("method", None)
+    if not any(k in given for k in _DATA_FLAGS):
+        from cliperase.engine.demo import demo_config
+
+        given.setdefault("output_dir", args.output_dir)
+        return demo_config(progress=not args.no_progress, **given), True
+    given.setdefault("output_dir", args.output_dir)
+    return UnlearnConfig.from_dict(given), False
+
+
+def _read_log(path: Path) -> List[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def nonmember_pairs(cfg: UnlearnConfig, args, is_demo: bool, preprocess, out: Path, n: int):
+    """(images, captions, source) of never-seen pairs like the forget pairs, or None."""
+    from cliperase.engine.forget_metrics import load_pairs
+
+    if args.holdout_data:
+        return (*load_pairs(args.holdout_data, preprocess, limit=n, what="holdout_data"), args.holdout_data)
+    if is_demo:
+        from cliperase.engine.demo import DEMO_FORGET_CLASS
+        from cliperase.engine.synthetic import generate, write_pairs
+
+        shards = out / "holdout"
+        if not list(shards.glob("*.tar")):
+            # Same generator, same forget class, another seed, JPEG like the training shards:
+            # the only difference from the forget pairs is that no model was trained on these.
+            write_pairs(generate(n, _HOLDOUT_SEED, shapes=(DEMO_FORGET_CLASS,), prefix="holdout-"), shards)
+        return (*load_pairs(str(shards), preprocess, limit=n, what="holdout"), f"generated (seed {_HOLDOUT_SEED})")
+    from cliperase.engine.data import load_eval_set
+    from cliperase.engine.evaluate import forget_mask
+
+    ev = load_eval_set(cfg.eval_data, preprocess)
+    keep = [i for i in forget_mask(ev, cfg.forget_classes).nonzero().flatten().tolist() if ev.captions[i]][:n]
+    if not keep:
+        return None
+    return ev.images[keep], [ev.captions[i][0] for i in keep], f"{cfg.eval_data} (forget-class images)"
+
+
+def score_model(model, tokenizer, forget, nonmember, heldout) -> dict:
+    """Forget-pair cosines, MIA and held-out zero-shot acc of one model."""
+    from cliperase.engine.evaluate import embed_eval_set, zeroshot_metrics
+    from cliperase.engine.forget_metrics import membership_inference_auc, pair_similarities
+
+    import torch
+
+    out: dict = {"forget_sims": pair_similarities(model, tokenizer, *forget)}
+    if nonmember is not None:
+        out["nonmember_sims"] = pair_similarities(model, tokenizer, nonmember[0], nonmember[1])
+        out["mia"] = membership_inference_auc(out["forget_sims"], out["nonmember_sims"])
+    out["heldout"] = {}
+    for name, ev in heldout.items():
+        emb = embed_eval_set(model, tokenizer, ev)
+        if emb.classifier is not None:
+            m = zeroshot_metrics(emb.image_emb, emb.classifier, ev.labels, torch.zeros(len(ev.labels), dtype=torch.bool))
+            out["heldout"][name] = m["acc1"]
+    return out
+
+
+def _f(v, digits: int = 3) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def markdown_table(rows: List[dict], heldout_names: List[str], title: str) -> str:
+    cols = ["method", "forget acc ↓", "retain acc ↑"] + [f"held-out {h} acc ↑" for h in heldout_names] + [
+        "forget i2t R@1 ↓", "retain i2t R@1 ↑", "forget t2i R@1 ↓", "retain t2i R@1 ↑",
+        "forget-pair cos", "MIA AUC (0.5 = unseen)", "wall s"]
+    lines = [title, "", "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        if r.get("error"):
+            lines.append("| " + " | ".join([r["method"], f"failed: {r['error']}"] + [""] * (len(cols) - 2)) + " |")
+            continue
+        cells = [r["method"], _f(r["forget_acc"]), _f(r["retain_acc"])] + [_f(r["heldout"].get(h)) for h in heldout_names]
+        cells += [_f(r["retrieval"].get(k)) for k in ("forget_i2t_r1", "retain_i2t_r1", "forget_t2i_r1", "retain_t2i_r1")]
+        cells += [_f(r["forget_cos"]), _f(r.get("mia_auc")), _f(r.get("wall_s"), 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_losses(logs: Dict[str, List[dict]], path: Path) -> None:
+    plt = _plt()
+    names = [m for m, rows in logs.items() if rows]
+    ncols = min(4, max(1, len(names)))
+    nrows = max(1, math.ceil(len(names) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), squeeze=False)
+    skip = {"step", "lr", "steps_per_s", "elapsed_s"}
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, names):
+        rows = logs[name]
+        for term in [k for k in rows[0] if k not in skip]:
+            ax.plot([r["step"] for r in rows], [r[term] for r in rows], marker=".", label=term)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_forget_vs_retain(rows: List[dict], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for i, r in enumerate(x for x in rows if not x.get("error")):
+        marker = "*" if r["method"] == "original" else "o"
+        ax.scatter(r["forget_acc"], r["retain_acc"], marker=marker, s=90)
+        # Staggered label heights: methods that barely move sit on the same point as the original.
+        ax.annotate(r["method"], (r["forget_acc"], r["retain_acc"]), textcoords="offset points",
+                    xytext=(5, 4 - 10 * (i % 4)), fontsize=8)
+    ax.set_xlabel("forget zero-shot acc (lower is better)")
+    ax.set_ylabel("retain zero-shot acc (higher is better)")
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from cliperase.engine.methods import METHODS
+
+    args = build_parser().parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    try:
+        if unknown or not methods:
+            raise ConfigError([f"--methods: unknown {unknown or 'none given'}; available: {', '.join(METHODS)}"])
+        if args.max_pairs <= 0:
+            raise ConfigError([f"--max-pairs: expected a positive integer, got {args.max_pairs}"])
+        base, is_demo = base_config(args)
+        out = Path(base.output_dir)
+        overwrite = args.overwrite or is_demo or base.overwrite
+        # Validate every method's config before the first run, so a typo fails in seconds.
+        configs = {m: replace(base, method=m, output_dir=str(out / m), overwrite=overwrite,
+                              log_every=min(base.log_every, max(1, base.steps // 30))) for m in methods}
+        problems = [f"{m}: {p}" for m, c in configs.items() for p in c.problems()]
+        if problems:
+            raise ConfigError(problems)
+        return _compare(args, base, is_demo, configs, out)
+    except ConfigError as exc:
+        print(f"compare: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _compare(args, base: UnlearnConfig, is_demo: bool, configs: Dict[str, UnlearnConfig], out: Path) -> int:
+    from cliperase.engine.checkpoint import write_json
+    from cliperase.engine.data import load_eval_set
+    from cliperase.engine.forget_metrics import load_pairs, plot_similarity_histograms, similarity_histogram
+    from cliperase.engine.models import load_model
+    from cliperase.engine.trainer import NonFiniteLoss, resolve_device
+
+    progress = not args.no_progress
+    out.mkdir(parents=True, exist_ok=True)
+    reports: Dict[str, dict] = {}
+    errors: Dict[str, str] = {}
+    for name, cfg in configs.items():
+        print(f"[compare] {name}: {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed}", flush=True)
+        try:
+            reports[name] = unlearn(cfg, progress=progress)
+        except (ConfigError, NonFiniteLoss) as exc:  # one method's failure is a result, not the end
+            errors[name] = str(exc).splitlines()[0]
+            print(f"[compare] {name} failed: {exc}", file=sys.stderr)
+
+    device = resolve_device(base.device)
+    original = load_model(base.model, base.pretrained, device=device)
+    forget = load_pairs(base.forget_data, original.preprocess, limit=args.max_pairs, what="forget_data")
+    nonmember = nonmember_pairs(base, args, is_demo, original.preprocess, out, args.max_pairs)
+    heldout = {Path(h).resolve().name: load_eval_set(h, original.preprocess) for h in args.heldout_eval}
+
+    def row(method: str, report_part: dict, scores: dict, wall_s) -> dict:
+        retrieval = {f"{part}_{k}": v for part, r in report_part.get("retrieval", {}).items() for k, v in r.items()}
+        zs = report_part.get("zeroshot", {})
+        return {"method": method, "forget_acc": zs.get("forget_acc"), "retain_acc": zs.get("retain_acc"),
+                "retrieval": retrieval, "heldout": scores["heldout"], "forget_cos": scores["forget_sims"].mean().item(),
+                "mia_auc": scores["mia"]["auc"] if "mia" in scores else None, "mia": scores.get("mia"), "wall_s": wall_s}
+
+    scores = {"original": score_model(original.model, original.tokenizer, forget, nonmember, heldout)}
+    rows = []
+    if reports:
+        rows.append(row("original", next(iter(reports.values()))["before"], scores["original"], None))
+    for name in configs:
+        if name in errors:
+            rows.append({"method": name, "error": errors[name]})
+            continue
+        model = load_model(base.model, reports[name]["checkpoint"], device=device)
+        scores[name] = score_model(model.model, model.tokenizer, forget, nonmember, heldout)
+        rows.append(row(name, reports[name]["after"], scores[name], reports[name]["wall_s"]))
+        del model
+
+    series = {"original: forget pairs": scores["original"]["forget_sims"]}
+    if nonmember is not None:
+        series["original: never-seen pairs"] = scores["original"]["nonmember_sims"]
+    series.update({f"{m}: forget pairs": s["forget_sims"] for m, s in scores.items() if m != "original"})
+    hist = similarity_histogram(series)
+    plot_similarity_histograms(hist, out / "similarity.png")
+    plot_losses({m: _read_log(Path(c.output_dir) / "log.jsonl") for m, c in configs.items()}, out / "losses.png")
+    plot_forget_vs_retain(rows, out / "forget_vs_retain.png")
+
+    heldout_names = list(heldout)
+    title = (f"## {base.model} ({Path(base.pretrained).name if base.pretrained else 'random init'}): "
+             f"{base.steps} steps, batch {base.batch_size} + {base.batch_size}, lr {base.lr}, seed {base.seed}, "
+             f"forget classes {', '.join(base.forget_classes)}\n\n"
+             f"Zero-shot and retrieval on {base.eval_data}; forget-pair cosine = mean over {len(forget[1])} forget "
+             f"pairs; MIA = similarity-threshold attack, forget pairs vs "
+             f"{len(nonmember[1]) if nonmember else 0} never-seen pairs "
+             f"({nonmember[2] if nonmember else 'none available'}); wall s = whole unlearn() call.")
+    table = markdown_table(rows, heldout_names, title)
+    (out / "compare.md").write_text(table)
+    write_json({"config": base.to_dict(), "methods": list(configs), "rows": rows, "histogram": hist,
+                "nonmember_source": nonmember[2] if nonmember else None}, out / "compare.json")
+    print(table)
+    print(f"[compare] wrote {out / 'compare.md'}, compare.json, losses.png, forget_vs_retain.png, similarity.png")
+    return 1 if errors and not reports else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

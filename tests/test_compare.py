@@ -1,0 +1,58 @@
+"""launch/compare.py end to end on a tiny dataset: every method's run, the table, the plots."""
+import json
+
+import pytest
+
+from cliperase.engine.methods import METHODS
+from helpers import tiny_checkpoint, tiny_data  # noqa: F401
+from launch import compare
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _args(data, ckpt, out, *extra):
+    return ["--model", "tiny-clip", "--pretrained", str(ckpt), "--forget-data", str(data / "forget"),
+            "--retain-data", str(data / "retain"), "--eval-data", str(data / "eval"), "--forget-classes", "circle",
+            "--steps", "2", "--batch-size", "8", "--lr", "1e-4", "--output-dir", str(out), "--no-progress", *extra]
+
+
+@pytest.mark.slow
+def test_compare_two_methods_writes_table_and_plots(tiny_data, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    # ft trains on retain pairs only, ga on forget pairs only: the cheapest two of different kinds.
+    assert compare.main(_args(tiny_data, tiny_checkpoint, out, "--methods", "ft,ga", "--heldout-eval",
+                              str(tiny_data / "eval"), "--max-pairs", "24")) == 0
+    for method in ("ft", "ga"):
+        report = json.loads((out / method / "report.json").read_text())
+        assert report["method"] == method and report["steps"] == 2 and report["config"]["seed"] == 0
+        assert report["config"]["lr"] == 1e-4 and report["config"]["batch_size"] == 8
+    table = (out / "compare.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert [r.split("|")[1].strip() for r in rows] == ["original", "ft", "ga"]
+    assert "held-out eval acc" in table and "MIA AUC" in table
+    for png in ("losses.png", "forget_vs_retain.png", "similarity.png"):
+        assert (out / png).read_bytes()[:8] == PNG, png
+    summary = json.loads((out / "compare.json").read_text())
+    by_method = {r["method"]: r for r in summary["rows"]}
+    # The table's accuracies are the runs' own reports; the MIA compares 24 forget pairs with the
+    # eval set's forget-class images (no --holdout-data given).
+    assert by_method["ga"]["forget_acc"] == report["after"]["zeroshot"]["forget_acc"]
+    assert by_method["original"]["mia"]["n_members"] == 24 and 0 <= by_method["ga"]["mia_auc"] <= 1
+    assert set(summary["histogram"]["series"]) == {"original: forget pairs", "original: never-seen pairs",
+                                                   "ft: forget pairs", "ga: forget pairs"}
+    assert "| ga |" in capsys.readouterr().out
+
+
+def test_compare_rejects_unknown_method_before_running(tiny_data, tiny_checkpoint, tmp_path, capsys):
+    assert compare.main(_args(tiny_data, tiny_checkpoint, tmp_path / "cmp", "--methods", "ft,forgetall")) == 2
+    err = capsys.readouterr().err
+    assert "forgetall" in err and all(m in err for m in METHODS)
+    assert not (tmp_path / "cmp" / "ft").exists(), "nothing runs when one method is unknown"
+
+
+def test_markdown_table_marks_failed_methods():
+    ok = {"method": "original", "forget_acc": 0.9, "retain_acc": 0.8, "heldout": {}, "retrieval": {"forget_i2t_r1": 0.5},
+          "forget_cos": 0.3, "mia_auc": None, "wall_s": None}
+    table = compare.markdown_table([ok, {"method": "ga", "error": "step 3: non-finite loss"}], [], "## t")
+    assert "| original | 0.900 | 0.800 | 0.500 | — | — | — | 0.300 | — | — |" in table
+    assert "| ga | failed: step 3: non-finite loss |" in table
