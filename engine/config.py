@@ -5,7 +5,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from .errors import ConfigError
 
@@ -149,6 +149,28 @@ class UnlearnConfig:
         if problems:
             raise ConfigError(problems)
         return self
+
+
+def config_overrides(config_file: Optional[str], set_items: Sequence[str]) -> dict:
+    """UnlearnConfig fields from a JSON file, then `FIELD=VALUE` items (VALUE parsed as JSON when
+    it parses, else taken as a string), the later winning. Raises ConfigError naming an item
+    that is malformed or names no field."""
+    given: dict = {}
+    if config_file:
+        try:
+            given.update(json.loads(Path(config_file).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError([f"config: cannot read {config_file!r} as JSON ({exc})"]) from exc
+    known = {f.name for f in fields(UnlearnConfig)}
+    for item in set_items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise ConfigError([f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(known)}"])
+        try:
+            given[key] = json.loads(value)
+        except json.JSONDecodeError:
+            given[key] = value
+    return given
 
 
 def output_dir_problems(output_dir: str, overwrite: bool) -> List[str]:

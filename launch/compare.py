@@ -25,7 +25,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -33,6 +33,7 @@ if __package__ in (None, ""):  # run as a script (python launch/compare.py)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cliperase.engine import ConfigError, UnlearnConfig, unlearn  # noqa: E402
+from cliperase.engine.config import config_overrides  # noqa: E402
 
 _DATA_FLAGS = ("model", "pretrained", "forget_data", "retain_data", "eval_data", "forget_classes")
 _HOLDOUT_SEED = 7919  # the embedded default's never-seen pairs: a seed neither train (0) nor eval (1) uses
@@ -67,18 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def base_config(args: argparse.Namespace) -> Tuple[UnlearnConfig, bool]:
     """The config every method shares, and whether it is the embedded default."""
-    given: dict = {}
-    if args.config:
-        given.update(json.loads(Path(args.config).read_text()))
-    known = {f.name for f in fields(UnlearnConfig)}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or key not in known:
-            raise ConfigError([f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(known)}"])
-        try:
-            given[key] = json.loads(value)
-        except json.JSONDecodeError:
-            given[key] = value
+    given = config_overrides(args.config, args.set)
     for name in ("model", "pretrained", "forget_data", "retain_data", "eval_data", "steps", "batch_size", "lr", "seed"):
         if getattr(args, name) is not None:
             given[name] = getattr(args, name)

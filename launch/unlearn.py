@@ -7,9 +7,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import fields
 from pathlib import Path
 from typing import List, Optional
 
@@ -17,7 +15,7 @@ if __package__ in (None, ""):  # run as a script (python launch/unlearn.py, deep
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cliperase.engine import ConfigError, UnlearnConfig, unlearn  # noqa: E402
-from cliperase.engine.config import METHOD_NAMES  # noqa: E402
+from cliperase.engine.config import METHOD_NAMES, config_overrides  # noqa: E402
 
 _DEFAULTS = UnlearnConfig()
 
@@ -54,18 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> Optional[UnlearnConfig]:
     """The run config from the flags; None when no run flag was given (the demo)."""
-    given = {}
-    if args.config:
-        given.update(json.loads(Path(args.config).read_text()))
-    known = {f.name for f in fields(UnlearnConfig)}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or key not in known:
-            raise ConfigError([f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(known)}"])
-        try:
-            given[key] = json.loads(value)
-        except json.JSONDecodeError:
-            given[key] = value
+    given = config_overrides(args.config, args.set)
     for name in ("model", "pretrained", "forget_data", "retain_data", "eval_data", "method", "steps",
                  "batch_size", "lr", "seed", "output_dir", "overwrite", "zero_stage", "precision",
                  "grad_checkpointing", "accum_steps", "deepspeed_config"):

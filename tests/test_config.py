@@ -68,3 +68,17 @@ def test_output_dir_holding_a_run_is_refused_unless_overwrite(tiny_data, tmp_pat
 def test_from_dict_rejects_unknown_fields():
     with pytest.raises(ConfigError, match="stepz: unknown config field"):
         UnlearnConfig.from_dict({"stepz": 3})
+
+
+def test_config_overrides_file_then_set_items(tmp_path):
+    from cliperase.engine.config import config_overrides
+
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"steps": 5, "lr": 0.1}))
+    got = config_overrides(str(f), ["steps=7", "forget_mode=hinge", "forget_classes=[\"a\", \"b\"]"])
+    assert got == {"steps": 7, "lr": 0.1, "forget_mode": "hinge", "forget_classes": ["a", "b"]}
+    with pytest.raises(ConfigError, match="--set 'stepz=3'"):
+        config_overrides(None, ["stepz=3"])
+    f.write_text("{not json")
+    with pytest.raises(ConfigError, match="config: cannot read"):
+        config_overrides(str(f), [])
