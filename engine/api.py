@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import platform
@@ -137,6 +138,26 @@ def _full_state_dict(towers: Towers, buffers: Dict[str, Tensor], shapes: Dict[st
     return state
 
 
+def _train_mode(model: torch.nn.Module) -> None:
+    """Train mode, but BatchNorm (ResNet towers) stays in eval mode: its running statistics are
+    the original model's, small forget/retain batches would corrupt them, and the consistency
+    term compares against a teacher that normalises with those same statistics."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def _tensorboard(log_dir: Path):
+    """A SummaryWriter, or None (said once) when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("tensorboard is not installed: no TensorBoard curves (log.jsonl and eval.jsonl have them)")
+        return None
+    return SummaryWriter(str(log_dir))
+
+
 def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1) -> Optional[dict]:
     """Unlearn `cfg.forget_data` from `cfg.model` and report before/after metrics.
 
@@ -186,13 +207,7 @@ def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1)
     student.logit_scale.requires_grad_(cfg.train_logit_scale)
     frozen_scale = student.logit_scale.detach().exp().clone()
     teacher = copy.deepcopy(student).requires_grad_(False).eval() if method.uses_teacher else None
-    student.train()
-    # BatchNorm (ResNet towers) stays in eval mode: its running statistics are the original
-    # model's, small forget/retain batches would corrupt them, and the consistency term compares
-    # against a teacher that normalises with those same statistics.
-    for module in student.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.eval()
+    _train_mode(student)
     if cfg.grad_checkpointing:
         student.set_grad_checkpointing(True)
     lr_fn = lambda s: lr_factor(s, steps=cfg.steps, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule)  # noqa: E731
@@ -265,13 +280,35 @@ def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1)
             start += n
         return method.objective(feats, cfg)
 
+    # Curves: losses on log steps and zero-shot accuracy every eval_every steps, to TensorBoard
+    # (runs/<dir>/tensorboard) and, for plots without TensorBoard, eval.jsonl.
+    writer = _tensorboard(out / "tensorboard") if main else None
+    eval_rows = []
+
+    def record_eval(step_no: int, zeroshot: dict) -> None:
+        eval_rows.append({"step": step_no, **zeroshot})
+        if writer is not None:
+            for k, v in zeroshot.items():
+                writer.add_scalar(f"eval/{k}", v, step_no)
+
+    def on_step(step_no: int, row: Optional[dict]) -> None:
+        if writer is not None and row is not None:
+            for k, v in row.items():
+                if k != "step":
+                    writer.add_scalar(f"train/{k}", v, step_no)
+        if main and cfg.eval_every and step_no % cfg.eval_every == 0 and step_no < cfg.steps:
+            record_eval(step_no, evaluate(student, loaded.tokenizer, ev, cfg.forget_classes)["zeroshot"])
+            _train_mode(student)  # evaluate() restores plain train mode, BatchNorm included
+
+    if main and "zeroshot" in before:
+        record_eval(0, before["zeroshot"])
     t_train = time.perf_counter()
     gpu = GpuSampler(interval_s=2.0).start()  # says once and carries on when there is no GPU or NVML
     try:
         history = train_loop(
             None, step, steps=cfg.steps, lr=cfg.lr, log_every=cfg.log_every, log_path=out / "log.jsonl" if main else None,
             desc=f"unlearn[{cfg.method}]", progress=progress and main, stepper=stepper, accum_steps=cfg.accum_steps,
-            timer=data_wait,
+            timer=data_wait, on_step=on_step,
         )
     finally:
         gpu_summary = gpu.stop()
@@ -302,6 +339,11 @@ def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1)
         # for data, both measured during training.
         "telemetry": {"gpu": gpu_summary, "data": data_wait.summary()},
     }
+    if "zeroshot" in after:
+        record_eval(cfg.steps, after["zeroshot"])
+    (out / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
+    if writer is not None:
+        writer.close()
     write_json(report, out / "report.json")
     write_json({**run_info, "status": "finished"}, out / "run.json")
     if use_ds:

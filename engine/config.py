@@ -55,6 +55,7 @@ class UnlearnConfig:
     log_every: int = 10  # steps between logged losses (the only host syncs in the loop)
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     eval_batch_size: int = 256  # images per evaluation batch
+    eval_every: int = 0  # zero-shot evaluation every N steps for accuracy curves (0: before and after only)
     # --- scale (DeepSpeed; engine/ds_config.py builds its config from these fields)
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3; >0 runs through deepspeed.initialize even on 1 process
     precision: str = "fp32"  # training precision: "fp32", "bf16" or "fp16" (not fp32: through DeepSpeed)
@@ -100,6 +101,11 @@ class UnlearnConfig:
             v = getattr(self, name)
             if not _finite(v) or v < 0:
                 p.append(f"{name}: expected a non-negative number, got {v!r}")
+        if not isinstance(self.eval_every, int) or isinstance(self.eval_every, bool) or self.eval_every < 0:
+            p.append(f"eval_every: expected a non-negative integer, got {self.eval_every!r}")
+        elif self.eval_every and (self.zero_stage > 0 or self.precision != "fp32"):
+            p.append("eval_every: periodic evaluation runs on the single-process fp32 path only "
+                     "(DeepSpeed shards the weights it would read); use 0 with zero_stage/precision")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             p.append(f"warmup_steps: expected a non-negative integer, got {self.warmup_steps!r}")
         if self.schedule not in SCHEDULES:

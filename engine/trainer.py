@@ -131,10 +131,13 @@ def train_loop(
     stepper=None,
     accum_steps: int = 1,
     timer=None,
+    on_step: Optional[Callable[[int, Optional[dict]], None]] = None,
 ) -> List[dict]:
     """Run `steps` optimizer steps of `accum_steps` micro-batches each; returns the logged rows
     (step, lr, each named loss averaged over the step's micro-batches, rate).
 
+    `on_step(step, row)`: called after every optimizer step (1-based) with the logged row on log
+    steps, else None: periodic evaluation and TensorBoard hang here, not in the loop.
     `timer`: a telemetry.DataWaitTimer whose `step()` times each optimizer step (for the share
     of step time spent waiting for data), or None.
     `stepper`: a TorchStepper or DeepSpeedStepper; None builds a TorchStepper over `params`
@@ -174,6 +177,8 @@ def train_loop(
                 if log:
                     log.write(json.dumps(row) + "\n")
                     log.flush()
+            if on_step is not None:
+                on_step(step + 1, history[-1] if history and history[-1]["step"] == step + 1 else None)
     finally:
         if log:
             log.close()

@@ -14,6 +14,7 @@ scored with the same code, and --output-dir gets:
   compare.json               every number behind the table, histogram data included
   losses.png                 each method's loss terms over steps (from its log.jsonl)
   forget_vs_retain.png       final forget vs retain zero-shot accuracy per method
+  accuracy_curves.png        forget and retain zero-shot accuracy over steps per method (eval.jsonl)
   similarity.png             forget-pair cosine distributions, original vs each method
 MIA: a similarity-threshold attack, forget pairs (members) vs never-seen pairs of the same
 distribution (--holdout-data shards; the embedded default generates them with another seed;
@@ -186,6 +187,25 @@ def plot_losses(logs: Dict[str, List[dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_accuracy_curves(evals: Dict[str, List[dict]], path: Path) -> None:
+    """Forget and retain zero-shot accuracy over steps, one colour per method (eval.jsonl)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for (ax, key, title) in ((axes[0], "forget_acc", "forget classes (lower is better)"),
+                             (axes[1], "retain_acc", "retain classes (higher is better)")):
+        for name, rows in evals.items():
+            if rows:
+                ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker=".", label=name)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylim(-0.03, 1.03)
+    axes[0].set_ylabel("zero-shot accuracy")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_forget_vs_retain(rows: List[dict], path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 4))
@@ -220,7 +240,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         out = Path(base.output_dir)
         overwrite = args.overwrite or is_demo or base.overwrite
         # Validate every method's config before the first run, so a typo fails in seconds.
-        configs = {m: replace(base, method=m, output_dir=str(out / m), overwrite=overwrite,
+        # eval_every: about ten points on each accuracy curve unless the user chose otherwise.
+        eval_every = base.eval_every or (max(1, base.steps // 10) if base.zero_stage == 0 and base.precision == "fp32" else 0)
+        configs = {m: replace(base, method=m, output_dir=str(out / m), overwrite=overwrite, eval_every=eval_every,
                               log_every=min(base.log_every, max(1, base.steps // 30))) for m in methods}
         problems = [f"{m}: {p}" for m, c in configs.items() for p in c.problems()]
         if problems:
@@ -284,6 +306,8 @@ def _compare(args, base: UnlearnConfig, is_demo: bool, configs: Dict[str, Unlear
     plot_similarity_histograms(hist, out / "similarity.png")
     plot_losses({m: _read_log(Path(c.output_dir) / "log.jsonl") for m, c in configs.items()}, out / "losses.png")
     plot_forget_vs_retain(rows, out / "forget_vs_retain.png")
+    plot_accuracy_curves({m: _read_log(Path(c.output_dir) / "eval.jsonl") for m, c in configs.items()
+                          if (Path(c.output_dir) / "eval.jsonl").is_file()}, out / "accuracy_curves.png")
 
     heldout_names = list(heldout)
     title = (f"## {base.model} ({Path(base.pretrained).name if base.pretrained else 'random init'}): "
@@ -298,7 +322,7 @@ def _compare(args, base: UnlearnConfig, is_demo: bool, configs: Dict[str, Unlear
     write_json({"config": base.to_dict(), "methods": list(configs), "rows": rows, "histogram": hist,
                 "nonmember_source": nonmember[2] if nonmember else None}, out / "compare.json")
     print(table)
-    print(f"[compare] wrote {out / 'compare.md'}, compare.json, losses.png, forget_vs_retain.png, similarity.png")
+    print(f"[compare] wrote {out / 'compare.md'}, compare.json, losses.png, forget_vs_retain.png, accuracy_curves.png, similarity.png")
     return 1 if errors and not reports else 0
 
 

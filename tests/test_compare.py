@@ -26,11 +26,13 @@ def test_compare_two_methods_writes_table_and_plots(tiny_data, tiny_checkpoint, 
         report = json.loads((out / method / "report.json").read_text())
         assert report["method"] == method and report["steps"] == 2 and report["config"]["seed"] == 0
         assert report["config"]["lr"] == 1e-4 and report["config"]["batch_size"] == 8
+        curve = [json.loads(line)["step"] for line in (out / method / "eval.jsonl").read_text().splitlines()]
+        assert curve == [0, 1, 2], "accuracy is evaluated along the way for the curves"
     table = (out / "compare.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert [r.split("|")[1].strip() for r in rows] == ["original", "ft", "ga"]
     assert "held-out eval acc" in table and "MIA AUC" in table
-    for png in ("losses.png", "forget_vs_retain.png", "similarity.png"):
+    for png in ("losses.png", "forget_vs_retain.png", "accuracy_curves.png", "similarity.png"):
         assert (out / png).read_bytes()[:8] == PNG, png
     summary = json.loads((out / "compare.json").read_text())
     by_method = {r["method"]: r for r in summary["rows"]}

@@ -36,6 +36,8 @@ BAD = {
     "no forget class": (dict(forget_classes=()), "forget_classes: name at least one"),
     "bad device": (dict(device="tpu"), "device: expected"),
     "bad loss impl": (dict(loss_impl="cuda"), "loss_impl: expected one of"),
+    "negative eval_every": (dict(eval_every=-1), "eval_every: expected a non-negative integer"),
+    "eval_every under ZeRO": (dict(eval_every=5, zero_stage=2), "eval_every: periodic evaluation runs on the single-process"),
 }
 
 

@@ -96,3 +96,16 @@ def test_vit_b_32_random_weights_runs_a_few_steps(tiny_data, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["model"] == "ViT-B-32" and report["steps"] == 2
     _check_metrics(report["after"])
+
+
+def test_accuracy_curves_every_n_steps(tiny_data, tiny_checkpoint, tmp_path):
+    out = tmp_path / "curves"
+    report = unlearn(UnlearnConfig.from_dict(dict(
+        pretrained=str(tiny_checkpoint), forget_data=str(tiny_data / "forget"), retain_data=str(tiny_data / "retain"),
+        eval_data=str(tiny_data / "eval"), forget_classes=["circle"], steps=4, batch_size=8, lr=1e-4, eval_every=2,
+        output_dir=str(out))), progress=False)
+    rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    assert rows[0]["forget_acc"] == report["before"]["zeroshot"]["forget_acc"]
+    assert rows[-1]["retain_acc"] == report["after"]["zeroshot"]["retain_acc"]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*")), "TensorBoard curves are written"
