@@ -16,7 +16,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Result", "run_with_grads", "assert_fast_close", "embeddings", "RTOL", "needs_triton", "small_tiles"]
+__all__ = ["Result", "run_with_grads", "assert_fast_close", "embeddings", "RTOL", "needs_triton", "small_tiles",
+           "SHAPES", "TRITON_SHAPES", "CPU_DTYPES", "INTERPRETER_DTYPES", "SCALE"]
+
+# One shape registry for every kernel test.
+# name: (n local rows, N global columns or None for single-process, d, row_offset)
+SHAPES = {
+    "tiny": (4, None, 8, 0),
+    "odd": (37, None, 45, 0),
+    "batch1": (1, None, 16, 0),
+    "local_global": (12, 40, 24, 16),
+    "local_global_first_rank": (13, 41, 37, 0),
+    "local_global_last_rank": (13, 41, 37, 28),
+    "local_batch1": (1, 9, 16, 4),
+}
+# Triton in the interpreter: N <= 48, d <= 40 keeps each case well under a second.
+TRITON_SHAPES = ("tiny", "batch1", "local_global", "local_global_first_rank", "local_global_last_rank")
+CPU_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+INTERPRETER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # the interpreter computes bf16 wrongly
+SCALE = 14.3  # a mid-training CLIP multiplier; large enough to make softmaxes peaky
 
 # Tolerance relative to max|truth|, added to 2 x the low-precision reference's error.
 RTOL = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}

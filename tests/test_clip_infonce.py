@@ -9,23 +9,10 @@ import pytest
 import torch
 
 from cliperase.kernels import clip_infonce, clip_infonce_ref
-from kernel_checks import assert_fast_close, embeddings, needs_triton, run_with_grads, small_tiles  # noqa: F401
-
-# name: (n local rows, N global columns or None for single-process, d, row_offset)
-SHAPES = {
-    "tiny": (4, None, 8, 0),
-    "odd": (37, None, 45, 0),
-    "batch1": (1, None, 16, 0),
-    "local_global": (12, 40, 24, 16),
-    "local_global_last_rank": (13, 41, 37, 28),
-    "local_batch1": (1, 9, 16, 4),
-}
-# Triton in the interpreter: N <= 48, d <= 40 keeps each case well under a second.
-TRITON_SHAPES = ("tiny", "batch1", "local_global", "local_global_last_rank")
-CPU_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-INTERPRETER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-SCALE = 14.3  # a mid-training CLIP multiplier; large enough to make softmaxes peaky
-
+from kernel_checks import (  # noqa: F401
+    CPU_DTYPES, INTERPRETER_DTYPES, SCALE, SHAPES, TRITON_SHAPES, assert_fast_close, embeddings, needs_triton,
+    run_with_grads, small_tiles,
+)
 
 
 def _inputs(shape, dtype, seed=0, device="cpu"):

@@ -9,23 +9,12 @@ import pytest
 import torch
 
 from cliperase.kernels import consistency_kl, consistency_kl_ref
-from kernel_checks import assert_fast_close, embeddings, needs_triton, run_with_grads, small_tiles  # noqa: F401
+from kernel_checks import (  # noqa: F401
+    CPU_DTYPES, INTERPRETER_DTYPES, SCALE, SHAPES, TRITON_SHAPES, assert_fast_close, embeddings, needs_triton,
+    run_with_grads, small_tiles,
+)
 
-# name: (n local rows, N global columns or None for single-process, d, row_offset)
-SHAPES = {
-    "tiny": (4, None, 8, 0),
-    "odd": (37, None, 45, 0),
-    "batch1": (1, None, 16, 0),
-    "local_global": (12, 40, 24, 16),
-    "local_global_last_rank": (13, 41, 37, 28),
-    "local_batch1": (1, 9, 16, 4),
-}
-TRITON_SHAPES = ("tiny", "batch1", "local_global", "local_global_last_rank")
-CPU_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-INTERPRETER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-SCALE = 14.3
 TEACHER_SCALES = {"shared": None, "frozen": 11.0}
-
 
 
 def _inputs(shape, dtype, device="cpu", seed=0):
