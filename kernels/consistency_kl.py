@@ -54,18 +54,7 @@ def consistency_kl_ref(
     Returns:
         0-dim fp32 tensor: row-mean KL of image->text plus row-mean KL of text->image.
     """
-    check_pair("zi", zi, "zt", zt)
-    check_pair("zi", zi, "zi0", zi0)
-    check_pair("zi", zi, "zt0", zt0)
-    zi_all = check_columns(zi, "zi_all", zi_all, row_offset)
-    zt_all = check_columns(zt, "zt_all", zt_all, row_offset)
-    zi0_all = check_columns(zi0, "zi0_all", zi0_all, row_offset)
-    zt0_all = check_columns(zt0, "zt0_all", zt0_all, row_offset)
-    if zi0_all.shape != zi_all.shape or zt0_all.shape != zt_all.shape:
-        raise ValueError(
-            f"zi0_all/zt0_all: expected the student's global shape {tuple(zi_all.shape)}, "
-            f"got {tuple(zi0_all.shape)} and {tuple(zt0_all.shape)}"
-        )
+    zi_all, zt_all, zi0_all, zt0_all = _check(zi, zt, zi0, zt0, zi_all, zt_all, zi0_all, zt0_all, row_offset)
     s = as_scale(logit_scale, zi)
     s0 = s.detach() if teacher_logit_scale is None else as_scale(teacher_logit_scale, zi)
     tensors = (zi, zt, zi_all, zt_all, zi0, zt0, zi0_all, zt0_all)
@@ -79,8 +68,8 @@ def consistency_kl_ref(
     return kl_i2t.float().mean() + kl_t2i.float().mean()
 
 
-def _check(zi, zt, zi0, zt0, zi_all, zt_all, zi0_all, zt0_all, row_offset) -> None:
-    """The reference's argument checks, without computing anything."""
+def _check(zi, zt, zi0, zt0, zi_all, zt_all, zi0_all, zt0_all, row_offset):
+    """Every backend's argument checks; returns the global columns (the local rows when None)."""
     check_pair("zi", zi, "zt", zt)
     check_pair("zi", zi, "zi0", zi0)
     check_pair("zi", zi, "zt0", zt0)
@@ -93,6 +82,7 @@ def _check(zi, zt, zi0, zt0, zi_all, zt_all, zi0_all, zt0_all, row_offset) -> No
             f"zi0_all/zt0_all: expected the student's global shape {tuple(g_i.shape)}, "
             f"got {tuple(g_i0.shape)} and {tuple(g_t0.shape)}"
         )
+    return g_i, g_t, g_i0, g_t0
 
 
 def _fast(backend: str, with_infonce: bool):

@@ -17,18 +17,23 @@ def tiny_data(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A randomly initialised tiny-clip saved as an open_clip checkpoint."""
+def random_checkpoint(tmp_path_factory, model: str, filename: str) -> Path:
+    """A randomly initialised (seed 0) engine model saved as an open_clip checkpoint."""
     import torch
 
     from cliperase.engine.checkpoint import export_open_clip
     from cliperase.engine.models import load_model
 
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    export_open_clip(load_model("tiny-clip").model, path)
+    path = tmp_path_factory.mktemp("ckpt") / filename
+    export_open_clip(load_model(model).model, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised tiny-clip saved as an open_clip checkpoint."""
+    return random_checkpoint(tmp_path_factory, "tiny-clip", "tiny.pt")
 
 
 def sha256(path: Path) -> str:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["Result", "run_with_grads", "assert_fast_close", "embeddings", "RTOL", "needs_triton", "small_tiles",
-           "SHAPES", "TRITON_SHAPES", "CPU_DTYPES", "INTERPRETER_DTYPES", "SCALE"]
+           "SHAPES", "TRITON_SHAPES", "GPU_SHAPES", "CPU_DTYPES", "INTERPRETER_DTYPES", "SCALE"]
 
 # One shape registry for every kernel test.
 # name: (n local rows, N global columns or None for single-process, d, row_offset)
@@ -35,6 +35,8 @@ TRITON_SHAPES = ("tiny", "batch1", "local_global", "local_global_first_rank", "l
 CPU_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 INTERPRETER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # the interpreter computes bf16 wrongly
 SCALE = 14.3  # a mid-training CLIP multiplier; large enough to make softmaxes peaky
+# The GPU tier: ViT-H-14's embedding width, and the last of 4 ranks' rows against global columns.
+GPU_SHAPES = {"production_vit_h14": (4096, None, 1024, 0), "local_rank3_of_4": (2048, 8192, 1024, 6144)}
 
 # Tolerance relative to max|truth|, added to 2 x the low-precision reference's error.
 RTOL = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}

@@ -10,7 +10,7 @@ import torch
 
 from cliperase.kernels import clip_infonce, clip_infonce_ref
 from kernel_checks import (  # noqa: F401
-    CPU_DTYPES, INTERPRETER_DTYPES, SCALE, SHAPES, TRITON_SHAPES, assert_fast_close, embeddings, needs_triton,
+    CPU_DTYPES, GPU_SHAPES, INTERPRETER_DTYPES, SCALE, SHAPES, TRITON_SHAPES, assert_fast_close, embeddings, needs_triton,
     run_with_grads, small_tiles,
 )
 
@@ -126,9 +126,6 @@ def test_triton_caption_ids():
     ids = torch.randint(0, 4, (shape[1],), generator=torch.Generator().manual_seed(3))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     _check("triton", shape, torch.float32, device=device, caption_ids=ids.to(device))
-
-
-GPU_SHAPES = {"production_vit_h14": (4096, None, 1024, 0), "local_rank3_of_4": (2048, 8192, 1024, 6144)}
 
 
 @pytest.mark.gpu

@@ -12,7 +12,7 @@ import torch
 from cliperase.kernels import cliperase_loss, cliperase_loss_ref
 from cliperase.kernels._common import resolve_impl
 from kernel_checks import (  # noqa: F401
-    CPU_DTYPES, INTERPRETER_DTYPES, SCALE, SHAPES, TRITON_SHAPES, assert_fast_close, embeddings, needs_triton,
+    CPU_DTYPES, GPU_SHAPES, INTERPRETER_DTYPES, SCALE, SHAPES, TRITON_SHAPES, assert_fast_close, embeddings, needs_triton,
     run_with_grads, small_tiles,
 )
 
@@ -93,9 +93,6 @@ def test_triton_on_cpu_says_what_to_do(monkeypatch):
     inputs, teacher = _inputs(SHAPES["tiny"], torch.float32)
     with pytest.raises(ValueError, match="impl='chunked'"):
         cliperase_loss(*inputs, teacher["zi0"], teacher["zt0"], SCALE, impl="triton")
-
-
-GPU_SHAPES = {"production_vit_h14": (4096, None, 1024, 0), "local_rank3_of_4": (2048, 8192, 1024, 6144)}
 
 
 @pytest.mark.gpu

@@ -10,7 +10,7 @@ import torch
 
 from cliperase.kernels import consistency_kl, consistency_kl_ref
 from kernel_checks import (  # noqa: F401
-    CPU_DTYPES, INTERPRETER_DTYPES, SCALE, SHAPES, TRITON_SHAPES, assert_fast_close, embeddings, needs_triton,
+    CPU_DTYPES, GPU_SHAPES, INTERPRETER_DTYPES, SCALE, SHAPES, TRITON_SHAPES, assert_fast_close, embeddings, needs_triton,
     run_with_grads, small_tiles,
 )
 
@@ -97,9 +97,6 @@ def test_rejects_teacher_shape_mismatch():
 @pytest.mark.parametrize("shape", [k for k in TRITON_SHAPES if k != "batch1"])
 def test_triton_matches_ref(shape, dtype, teacher_scale):
     _check("triton", SHAPES[shape], dtype, teacher_scale, device="cuda" if torch.cuda.is_available() else "cpu")
-
-
-GPU_SHAPES = {"production_vit_h14": (4096, None, 1024, 0), "local_rank3_of_4": (2048, 8192, 1024, 6144)}
 
 
 @pytest.mark.gpu

@@ -12,7 +12,7 @@ import torch
 
 from cliperase.engine import ConfigError, UnlearnConfig
 from cliperase.engine.ds_config import build_ds_config, deepspeed_config_problems
-from helpers import tiny_data  # noqa: F401
+from helpers import random_checkpoint, tiny_data  # noqa: F401
 from launch import unlearn as cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,13 +215,7 @@ def test_two_rank_gathered_loss_and_gradients_equal_the_full_batch(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_vit_checkpoint(tmp_path_factory) -> Path:
     """A randomly initialised tiny-vit (ViT image tower: no BatchNorm) as an open_clip checkpoint."""
-    from cliperase.engine.checkpoint import export_open_clip
-    from cliperase.engine.models import load_model
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny-vit.pt"
-    export_open_clip(load_model("tiny-vit").model, path)
-    return path
+    return random_checkpoint(tmp_path_factory, "tiny-vit", "tiny-vit.pt")
 
 
 def _args(data: Path, ckpt: Path, out: Path, batch: int, *extra) -> list:
