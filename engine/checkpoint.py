@@ -1,15 +1,21 @@
-"""Crash-safe writes and open_clip-loadable exports."""
+"""Crash-safe writes, training checkpoints, and open_clip-loadable exports."""
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import os
+import re
+import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["atomic_write_bytes", "atomic_save", "write_json", "export_open_clip"]
+__all__ = ["atomic_write_bytes", "atomic_save", "write_json", "export_open_clip", "CHECKPOINTS", "begin_checkpoint",
+           "commit_checkpoint", "complete_checkpoints", "checkpoint_problem", "find_checkpoint", "read_manifest"]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -20,13 +26,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def write_errors(what: str, where: Path):
+    """Failures writing `what` under `where` surface as one OSError that says what happened. On
+    a full disk torch.save's writer raises RuntimeError ("unexpected pos ..."), not ENOSPC: a
+    write that fails with the disk (nearly) full is reported as ENOSPC."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        try:
+            free = shutil.disk_usage(Path(where) if Path(where).exists() else Path(where).parent).free
+        except OSError:
+            free = None
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or (free is not None and free < (1 << 20)):
+            raise OSError(errno.ENOSPC, f"No space left on device writing {what} in {where}") from exc
+        if isinstance(exc, OSError):
+            raise OSError(exc.errno, f"cannot write {what} in {where}: {exc.strerror or exc}") from exc
+        raise OSError(f"cannot write {what} in {where}: {exc}") from exc
+
+
 def _atomic(path: Path, write) -> None:
     """Write to a temporary sibling, fsync, rename: a reader sees the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with write_errors(path.name, path.parent), open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -60,3 +85,109 @@ def export_open_clip(model: nn.Module, path: Path, *, dtype: torch.dtype = torch
     if meta is not None:
         write_json(meta, Path(str(path) + ".json"))
     return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training checkpoints: <output_dir>/checkpoints/step_<N>/, complete only with a verified manifest.
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def begin_checkpoint(root: Path, step: int) -> Path:
+    """A fresh temporary directory for step `step`'s files (rank 0 calls it; others wait at a
+    barrier). A leftover of an interrupted write under the same name is removed first."""
+    tmp = Path(root) / f".step_{step:08d}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_checkpoint(tmp: Path, manifest: dict, *, keep: int) -> Path:
+    """Seal a checkpoint written into `tmp` (every rank's files complete): fsync its files, write
+    the manifest with each file's size and sha256 last, rename to `step_<N>` and fsync the parent.
+    A crash at any point leaves either a `.partial` directory (ignored, removed on the next
+    write) or a complete checkpoint. Then removes complete checkpoints beyond the newest `keep`."""
+    files = {}
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        _fsync_file(path)
+        files[str(path.relative_to(tmp))] = {"bytes": path.stat().st_size, "sha256": file_digest(path)}
+    for d in sorted({p.parent for p in tmp.rglob("*")} | {tmp}):
+        _fsync_dir(d)
+    write_json({**manifest, "files": files}, tmp / MANIFEST)
+    final = tmp.parent / f"step_{manifest['step']:08d}"
+    if final.exists():  # a checkpoint of the same step from before a resume: same content by construction
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    for old in complete_checkpoints(final.parent)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(root: Path) -> List[Path]:
+    """`step_<N>` directories with a manifest, oldest first (not yet verified)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / MANIFEST).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """What is wrong with a checkpoint directory, or None when every file its manifest lists is
+    there with the recorded size and sha256."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{path}: unreadable manifest ({exc})"
+    for name, meta in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{path}: {name} is missing"
+        if f.stat().st_size != meta["bytes"]:
+            return f"{path}: {name} has {f.stat().st_size} bytes, the manifest says {meta['bytes']}"
+        if file_digest(f) != meta["sha256"]:
+            return f"{path}: {name} does not match its sha256 in the manifest (corrupt)"
+    return None
+
+
+def find_checkpoint(output_dir: Path, which: str) -> Tuple[Optional[Path], List[str]]:
+    """The checkpoint to resume from and the problems met on the way.
+
+    `which="latest"`: the newest complete checkpoint under `output_dir/checkpoints` that
+    verifies; corrupt ones are passed over (each named in the problems) for the one before.
+    None when there is none. Any other value is a checkpoint directory that must verify.
+    """
+    if which != "latest":
+        problem = checkpoint_problem(Path(which)) if (Path(which) / MANIFEST).is_file() else \
+            f"{which}: not a complete checkpoint (no {MANIFEST})"
+        return (None, [problem]) if problem else (Path(which), [])
+    skipped = []
+    for path in reversed(complete_checkpoints(Path(output_dir) / CHECKPOINTS)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, skipped
+        skipped.append(problem)
+    return None, skipped
+
+
+def read_manifest(path: Path) -> dict:
+    return json.loads((Path(path) / MANIFEST).read_text())

@@ -28,7 +28,7 @@ from torch import Tensor
 from .errors import ConfigError
 
 __all__ = ["resolve_shards", "shard_problems", "PairStream", "EvalSet", "load_eval_set", "eval_set_problems", "SkipCounter",
-           "SKIP_KINDS", "ShardReader", "decode_image"]
+           "SKIP_KINDS", "ShardReader", "decode_image", "Batches", "loader"]
 
 log = logging.getLogger("cliperase.data")
 
@@ -79,70 +79,197 @@ class SkipCounter:
 
 
 class PairStream(torch.utils.data.IterableDataset):
-    """Endless batches of (images, tokens) from image-caption shards, epoch after epoch.
+    """Endless batches of (images, tokens, position) from image-caption shards, epoch after epoch.
 
-    Deterministic in `seed`: epoch `e` shuffles shard order and samples with seed `seed + e`.
-    Batches run across epoch boundaries, so a forget set smaller than the batch still works.
-    Raises ConfigError when a whole epoch yields no usable sample.
+    Order: epoch `e` reads the shards in an order shuffled with seed `seed + e` and shuffles
+    samples through a `shuffle_buffer`; that raw sequence depends only on the seed and the shard
+    list. Samples are numbered along it across epochs, and sample `g` belongs to reader
+    `g % (world * workers)`, reader `rank * workers + worker`: ranks and DataLoader workers see
+    disjoint samples, and together every sample once per epoch. Every reader reads the tar
+    bytes of all shards (cheap next to decoding) and decodes only its own samples, so this holds
+    for any number of shards, a one-shard forget set included. One process with
+    `world * batch_size` rows per batch sees the same samples per step as `world` ranks with
+    `batch_size` each (in another row order). Batches run across epoch boundaries.
+
+    Bad data is skipped, never raised (see SKIP_KINDS): each reader counts its own bad samples
+    in the first epoch; reader 0 counts each damaged or vanished shard once (a shard that
+    disappears mid-run is skipped from then on, with a warning).
+
+    `position` (a dict) says where this reader is after the batch: what `start` takes back
+    (through `Batches.state()`) to continue the stream where it stopped, on resume. Its "ids"
+    entry identifies the batch's samples (`Batches.last_ids`): a teacher cache looks them up.
+    Raises ConfigError when an epoch holds no usable sample (or a reader finds none of its own
+    in three epochs).
     """
 
     def __init__(self, shards: Sequence[str], preprocess: Callable, tokenizer: Callable, batch_size: int,
-                 *, seed: int = 0, shuffle_buffer: int = 1000, what: str = "data"):
+                 *, seed: int = 0, shuffle_buffer: int = 1000, what: str = "data", rank: int = 0, world: int = 1,
+                 start: Optional[dict] = None):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank: expected 0 <= rank < world ({world}), got {rank}")
         self.shards = list(shards)
         self.preprocess, self.tokenizer = preprocess, tokenizer
         self.batch_size, self.seed, self.shuffle_buffer, self.what = batch_size, seed, shuffle_buffer, what
-        self.skipped = SkipCounter()
+        self.rank, self.world, self.start = rank, world, start
 
-    def _epoch(self, epoch: int) -> Iterator[Tuple[Tensor, str]]:
+    def _raw(self, epoch: int, reader: ShardReader) -> Iterator[dict]:
+        """Epoch `epoch`'s raw samples in their shuffled order (tar-level damage skipped)."""
         rng = random.Random(self.seed + epoch)
         shards = self.shards[:]
         rng.shuffle(shards)
-        pipe = wds.DataPipeline(
-            wds.SimpleShardList(shards),
-            wds.tarfile_to_samples(handler=self.skipped),
-            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng),
-            # Pick the two fields before decoding: autodecoding every key (json too) costs more
-            # than the image decode itself on small images.
-            wds.to_tuple(IMAGE_KEYS, "txt", handler=self.skipped),
-            wds.map_tuple(self._image, _text, handler=self.skipped),
-        )
-        return iter(pipe)
+        reader.shards = shards
+        return _shuffled(iter(reader), self.shuffle_buffer, rng)
 
-    def _image(self, raw: bytes) -> Tensor:
-        with Image.open(io.BytesIO(raw)) as im:
-            return self.preprocess(im.convert("RGB"))
+    def _decode(self, sample: dict) -> Tuple[Optional[Tensor], Optional[str], Optional[str]]:
+        """(image, caption, None) or (None, None, skip kind)."""
+        kind = _sample_problem(sample)
+        if kind is not None:
+            return None, None, kind
+        try:
+            image = decode_image(sample[_image_ext(sample)])
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return None, None, "corrupt_image"
+        return self.preprocess(image), sample["txt"].decode("utf-8").strip(), None
 
-    def __iter__(self) -> Iterator[Tuple[Tensor, Tensor]]:
-        epoch, images, texts = 0, [], []
+    def __iter__(self) -> Iterator[Tuple[Tensor, Tensor, dict]]:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        start = self.start or {}
+        if start and start.get("workers", workers) != workers:
+            raise ConfigError([f"{self.what}: the stream was saved with {start['workers']} data workers per rank, "
+                               f"now {workers}: resume with the same number"])
+        # After `consumed` batches the consumer expects the next one from the reader whose turn
+        # it is; the DataLoader starts at worker 0, so worker w takes that reader's role.
+        role = (worker + int(start.get("consumed", 0))) % workers
+        pos = dict(start.get("readers", {}).get(str(role), {}))
+        epoch, index, seen = pos.get("epoch", 0), pos.get("index", 0), pos.get("seen", 0)
+        skipped = Counter(pos.get("skipped", {}))
+        bad_shards = dict(pos.get("bad_shards", {}))  # reader 0: shard path -> skip kind, each counted once
+        readers, me = self.world * workers, self.rank * workers + role
+        reader = ShardReader([], check_images="none", check_samples=False)
+        images: List[Tensor] = []
+        texts: List[str] = []
+        ids: List[Tuple[int, int]] = []
+        shard_ids = {url: i for i, url in enumerate(self.shards)}
+        idle_epochs = 0
         while True:
-            seen = 0
-            for image, text in self._epoch(epoch):
+            total = taken = 0
+            raw = self._raw(epoch, reader)
+            for _ in range(index):  # resume: skip what was consumed, without decoding it
+                next(raw, None)
+                total += 1
+            for sample in raw:
+                total += 1
+                index += 1
                 seen += 1
+                if (seen - 1) % readers != me:
+                    continue
+                image, text, kind = self._decode(sample)
+                if kind is not None:
+                    if epoch == 0:
+                        skipped[kind] += 1
+                    continue
+                taken += 1
                 images.append(image)
                 texts.append(text)
+                ids.append((shard_ids[sample["__url__"]], sample["__ordinal__"]))
                 if len(images) == self.batch_size:
-                    yield torch.stack(images), self.tokenizer(texts)
-                    images, texts = [], []
-            if seen == 0:
-                raise ConfigError([f"{self.what}: no usable samples in {len(self.shards)} shards "
-                                   f"(skipped: {dict(self.skipped.counts) or 'none'})"])
-            epoch += 1
+                    if me == 0:
+                        bad_shards.update({url: _shard_kind(why) for url, why in reader.bad_shards.items()})
+                    counts = skipped + Counter(bad_shards.values())
+                    position = {"role": role, "epoch": epoch, "index": index, "seen": seen,
+                                "skipped": {k: counts[k] for k in SKIP_KINDS if counts[k]},
+                                "bad_shards": bad_shards}
+                    position["ids"] = torch.tensor(ids, dtype=torch.int64)
+                    yield torch.stack(images), self.tokenizer(texts), position
+                    images, texts, ids = [], [], []
+            if total == 0:
+                raise ConfigError([f"{self.what}: no samples in {len(self.shards)} shards "
+                                   f"(skipped: {dict(+skipped) or 'none'}; bad shards: {reader.bad_shards or 'none'})"])
+            idle_epochs = 0 if taken else idle_epochs + 1
+            if idle_epochs == 3:
+                raise ConfigError([f"{self.what}: no usable samples in {len(self.shards)} shards over three epochs "
+                                   f"(skipped: {dict(+skipped) or 'none'})"])
+            epoch, index = epoch + 1, 0
 
 
-def _text(raw: bytes) -> str:
-    return raw.decode("utf-8").strip()
+def _shard_kind(reason: str) -> str:
+    """The skip kind of a ShardReader.bad_shards reason ("truncated_tar: ..." or "OSError: ...")."""
+    kind = reason.split(":")[0]
+    return kind if kind in SKIP_KINDS else "unreadable_shard"
 
 
-def loader(stream: "PairStream", workers: int) -> Iterator[Tuple[Tensor, Tensor]]:
-    """Iterate a stream, decoding in a background process when `workers` is 1.
+def _shuffled(items: Iterator, bufsize: int, rng: random.Random) -> Iterator:
+    """Reservoir shuffle: fill a buffer of `bufsize`, then emit a random element per new item.
+    Owned here (not webdataset's) so a saved stream position means the same samples across
+    library versions."""
+    buf: list = []
+    for item in items:
+        if len(buf) < bufsize:
+            buf.append(item)
+            continue
+        j = rng.randrange(len(buf))
+        buf[j], item = item, buf[j]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
 
-    One worker at most for now: a stream is one ordered sequence of batches, and the worker
-    overlaps its decoding with the training step.
-    """
+
+class Batches:
+    """The consumer's end of a PairStream: iterates (images, tokens) and tracks where the
+    stream is. `state()` is what `PairStream(start=...)` takes to continue after the last batch
+    taken (JSON-able); `skipped()` the bad-sample counts of this rank's readers so far."""
+
+    def __init__(self, it: Iterator[Tuple[Tensor, Tensor, dict]], workers: int, start: Optional[dict]):
+        self._it, self.workers = it, workers
+        self.consumed = int((start or {}).get("consumed", 0))
+        self.readers: Dict[str, dict] = {k: dict(v) for k, v in (start or {}).get("readers", {}).items()}
+        # (B, 2) int64 of the last batch: each sample's (index in the stream's shard list, __ordinal__)
+        self.last_ids: Optional[Tensor] = None
+
+    def __iter__(self) -> "Batches":
+        return self
+
+    def __next__(self) -> Tuple[Tensor, Tensor]:
+        try:
+            images, tokens, position = next(self._it)
+        except ConfigError as exc:
+            # From a DataLoader worker the message is wrapped in the worker's traceback: keep
+            # what the stream said.
+            marker = "ConfigError: "
+            text = str(exc)
+            if "DataLoader worker" in text and marker in text:
+                raise ConfigError(text[text.rindex(marker) + len(marker):].strip().splitlines()) from None
+            raise
+        self.last_ids = position.pop("ids")
+        self.readers[str(position.pop("role"))] = position
+        self.consumed += 1
+        return images, tokens
+
+    def state(self) -> dict:
+        return {"workers": self.workers, "consumed": self.consumed, "readers": {k: dict(v) for k, v in self.readers.items()}}
+
+    def skipped(self) -> Dict[str, int]:
+        total: Counter = Counter()
+        for position in self.readers.values():
+            total.update(position.get("skipped", {}))
+        return {k: int(total[k]) for k in SKIP_KINDS}
+
+
+def loader(stream: "PairStream", workers: int, *, pin_memory: bool = False) -> Batches:
+    """Iterate a stream in `workers` background processes (0: in this process), each decoding
+    its own share of the samples (see PairStream), batches handed out in a fixed round-robin
+    order, so the sequence of batches depends on the seed, world size and `workers`, nothing
+    else. The stream's `start` position (on resume) must come from the same worker count."""
+    saved = (stream.start or {}).get("workers", max(workers, 1))
+    if saved != max(workers, 1):
+        raise ConfigError([f"{stream.what}: the stream was saved with {saved} data workers per rank, now "
+                           f"{max(workers, 1)}: resume with the same number"])
     if workers == 0:
-        return iter(stream)
-    return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4,
-                                            persistent_workers=False))
+        return Batches(iter(stream), 1, stream.start)
+    dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4,
+                                     persistent_workers=False, pin_memory=pin_memory)
+    return Batches(iter(dl), workers, stream.start)
 
 
 @dataclass
@@ -255,7 +382,8 @@ class ShardReader(torch.utils.data.IterableDataset):
     is skipped and counted in `skipped` by kind (see SKIP_KINDS), never raised.
 
     Yields webdataset-style dicts: `__key__` (str), `__url__` (the shard path), `__shard__` (its
-    index in `shards`) and one entry per file of the sample, extension -> bytes exactly as
+    index in `shards`), `__ordinal__` (the sample's number in its shard, counting every sample
+    the tar holds, skipped ones included) and one entry per file of the sample, extension -> bytes exactly as
     stored (`jpg`, `txt`, `json`, ...). With `check_images="decode"` the decoded RGB image is
     added as `__image__` (a PIL image), so a consumer need not decode it twice. An
     IterableDataset, so it can be the source of a `webdataset.DataPipeline`; it does not split
@@ -274,18 +402,20 @@ class ShardReader(torch.utils.data.IterableDataset):
 
     Shards are opened read-only and never written. `check_images`: "none" (trust the bytes),
     "draft" (JPEGs decoded at 1/8 scale, other formats fully; the default) or "decode" (full
-    decode, image attached). Raises ValueError for an unknown `check_images` or negative
+    decode, image attached). `check_samples=False` yields every complete sample unchecked (tar
+    damage is still skipped): for a consumer that checks only its own share. Raises ValueError for an unknown `check_images` or negative
     `retries`/`backoff_s`.
     """
 
     def __init__(self, shards: Sequence[str], *, check_images: str = "draft", retries: int = 2,
-                 backoff_s: float = 0.5):
+                 backoff_s: float = 0.5, check_samples: bool = True):
         if check_images not in _CHECKS:
             raise ValueError(f"check_images: expected one of {list(_CHECKS)}, got {check_images!r}")
         if retries < 0 or backoff_s < 0:
             raise ValueError(f"retries and backoff_s: expected >= 0, got {retries} and {backoff_s}")
         self.shards = [str(s) for s in shards]
         self.check_images, self.retries, self.backoff_s = check_images, retries, backoff_s
+        self.check_samples = check_samples
         self.skipped: Counter = Counter({k: 0 for k in SKIP_KINDS})
         self.bad_shards: Dict[str, str] = {}  # shard path -> what was wrong with it
         self.samples = 0  # samples yielded so far
@@ -333,6 +463,7 @@ class ShardReader(torch.utils.data.IterableDataset):
             return
         f, tar = opened
         current: Optional[dict] = None
+        ordinal = 0  # the sample's place in its shard: with the shard, an id stable across reads
         try:
             try:
                 for member in tar:
@@ -347,7 +478,8 @@ class ShardReader(torch.utils.data.IterableDataset):
                         yield from self._finish(current)
                         current = None
                     if current is None:
-                        current = {"__key__": key, "__url__": url, "__shard__": index}
+                        current = {"__key__": key, "__url__": url, "__shard__": index, "__ordinal__": ordinal}
+                        ordinal += 1
                     current[ext] = tar.extractfile(member).read()
                 self._check_end(url, tar.offset)
             except (tarfile.TarError, EOFError, OSError, _BadEnd) as exc:
@@ -381,28 +513,36 @@ class ShardReader(torch.utils.data.IterableDataset):
             raise _BadEnd("corrupt_tar", f"damaged header at byte {offset}")
 
     def _finish(self, sample: dict) -> Iterator[dict]:
-        image_ext = next((e for e in _IMAGE_EXTS if e in sample), None)
-        if image_ext is None:
-            self.skipped["missing_image"] += 1
-            return
-        raw_text = sample.get("txt")
-        if raw_text is None:
-            self.skipped["missing_caption"] += 1
-            return
-        try:
-            if not raw_text.decode("utf-8").strip():
-                self.skipped["missing_caption"] += 1
+        if self.check_samples:
+            kind = _sample_problem(sample)
+            if kind is None and self.check_images != "none":
+                try:
+                    image = decode_image(sample[_image_ext(sample)], draft=self.check_images == "draft")
+                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                    kind = "corrupt_image"
+                else:
+                    if self.check_images == "decode":
+                        sample["__image__"] = image
+            if kind is not None:
+                self.skipped[kind] += 1
                 return
-        except UnicodeDecodeError:
-            self.skipped["corrupt_caption"] += 1
-            return
-        if self.check_images != "none":
-            try:
-                image = decode_image(sample[image_ext], draft=self.check_images == "draft")
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-                self.skipped["corrupt_image"] += 1
-                return
-            if self.check_images == "decode":
-                sample["__image__"] = image
         self.samples += 1
         yield sample
+
+
+def _image_ext(sample: dict) -> Optional[str]:
+    return next((e for e in _IMAGE_EXTS if e in sample), None)
+
+
+def _sample_problem(sample: dict) -> Optional[str]:
+    """The skip kind of a sample without a usable image entry or caption, else None (the image
+    bytes are not decoded here)."""
+    if _image_ext(sample) is None:
+        return "missing_image"
+    raw_text = sample.get("txt")
+    if raw_text is None:
+        return "missing_caption"
+    try:
+        return None if raw_text.decode("utf-8").strip() else "missing_caption"
+    except UnicodeDecodeError:
+        return "corrupt_caption"

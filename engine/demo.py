@@ -3,16 +3,48 @@ CLIPErase settings that make it forget one shape."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 from .config import UnlearnConfig
 from .pretrain import PretrainConfig, pretrain
-from .synthetic import write_default
+from .synthetic import generate, split_pairs, write_default, write_eval, SHAPES
 
-__all__ = ["DEMO_FORGET_CLASS", "demo_cache", "prepare_demo", "demo_config"]
+__all__ = ["DEMO_FORGET_CLASS", "DemoTask", "DEMO_TASKS", "demo_cache", "prepare_demo", "demo_config"]
 
 DEMO_FORGET_CLASS = "circle"
+_CALIBRATION_SEED = 104729  # the calibration split's seed: neither train (0), eval (1) nor compare's holdout
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    """What to forget on the embedded default: every image of `classes`, or only those whose
+    attributes match `where` (a subgroup, e.g. red circles but not blue ones)."""
+
+    classes: Tuple[str, ...]
+    where: Tuple[Tuple[str, str], ...] = ()  # (attribute, value) pairs of the samples' json, all must match
+    breakdown: Optional[str] = None  # attribute a comparison splits forget-class accuracy by
+
+    def forgets(self, meta: dict) -> bool:
+        return meta.get("shape") in self.classes and all(str(meta.get(k)) == v for k, v in self.where)
+
+    @property
+    def forget_attributes(self) -> str:
+        """The config's `forget_attributes` for this task ("colour=red"; "" for whole classes)."""
+        return ";".join(f"{k}={v}" for k, v in self.where)
+
+    def generate_kwargs(self) -> dict:
+        """`synthetic.generate` arguments that draw only samples of this task's forget set."""
+        kw = {"shapes": self.classes}
+        kw.update({{"colour": "colours", "background": "backgrounds"}[k]: (v,) for k, v in self.where})
+        return kw
+
+
+DEMO_TASKS: Dict[str, DemoTask] = {
+    "circle": DemoTask((DEMO_FORGET_CLASS,)),  # the demo: forget every circle
+    "red-circle": DemoTask((DEMO_FORGET_CLASS,), (("colour", "red"),), breakdown="colour"),  # a subgroup only
+}
 _PRETRAIN_VERSION = "v1"  # bump when the generator or the pretraining recipe changes
 
 
@@ -21,11 +53,18 @@ def demo_cache() -> Path:
     return Path(os.environ.get("CLIPERASE_CACHE", Path.cwd() / ".cache" / "cliperase"))
 
 
-def prepare_demo(cache: Optional[Path] = None, *, say: Callable[[str], None] = print, progress: bool = True) -> dict:
+def prepare_demo(cache: Optional[Path] = None, *, say: Callable[[str], None] = print, progress: bool = True,
+                 task: str = "circle") -> dict:
     """Generate the data and pretrain the teacher once; later calls reuse both.
 
-    Returns {"data": root, "pretrained": checkpoint path}.
+    Returns {"data": root, "pretrained": checkpoint path, "forget": shards, "retain": shards,
+    "calibration": a held-out CLIP_benchmark-layout split for choices made on data (soup weight)}.
+    A `task` other than "circle" splits the same training pairs by its own rule (DEMO_TASKS).
     """
+    if task not in DEMO_TASKS:
+        from .errors import ConfigError
+
+        raise ConfigError([f"task: unknown demo task {task!r}; available: {', '.join(DEMO_TASKS)}"])
     cache = Path(cache or demo_cache()) / _PRETRAIN_VERSION
     data = cache / "data"
     if not (data / "manifest.json").is_file():
@@ -35,20 +74,39 @@ def prepare_demo(cache: Optional[Path] = None, *, say: Callable[[str], None] = p
     if not ckpt.is_file():
         say(f"pretraining tiny-clip from scratch (once; cached at {ckpt})")
         pretrain(PretrainConfig(model="tiny-clip", train_data=str(data / "train"), output=str(ckpt)), progress=progress)
-    return {"data": data, "pretrained": ckpt}
+    split = data
+    if task != "circle":
+        split = cache / "tasks" / task
+        if not (split / "manifest.json").is_file():
+            say(f"splitting the training pairs for task {task!r} into {split}")
+            split_pairs(data / "train", split, forget=DEMO_TASKS[task].forgets)
+    calibration = cache / "calibration"
+    if not calibration.is_dir():
+        import shutil
+
+        tmp = calibration.with_name("calibration.partial")  # renamed into place when complete
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_eval(generate(1440, _CALIBRATION_SEED, prefix="cal-"), tmp, SHAPES)
+        tmp.rename(calibration)
+    return {"data": data, "pretrained": ckpt, "forget": split / "forget", "retain": split / "retain",
+            "calibration": calibration}
 
 
-def demo_config(cache: Optional[Path] = None, output_dir: str = "runs/demo", **overrides) -> UnlearnConfig:
-    """CLIPErase on the embedded default: forget every circle, keep the other shapes."""
-    paths = prepare_demo(cache, progress=overrides.pop("progress", True))
+def demo_config(cache: Optional[Path] = None, output_dir: str = "runs/demo", task: str = "circle",
+                **overrides) -> UnlearnConfig:
+    """CLIPErase on the embedded default: forget every circle, keep the other shapes (or another
+    of DEMO_TASKS, e.g. "red-circle": forget red circles, keep circles of other colours)."""
+    paths = prepare_demo(cache, progress=overrides.pop("progress", True), task=task)
     data = paths["data"]
     fields = dict(
         model="tiny-clip",
         pretrained=str(paths["pretrained"]),
-        forget_data=str(data / "forget"),
-        retain_data=str(data / "retain"),
+        forget_data=str(paths["forget"]),
+        retain_data=str(paths["retain"]),
         eval_data=str(data / "eval"),
-        forget_classes=(DEMO_FORGET_CLASS,),
+        forget_classes=DEMO_TASKS[task].classes,
+        forget_attributes=DEMO_TASKS[task].forget_attributes,
+        calibration_data=str(paths["calibration"]),
         method="cliperase",
         steps=60,
         batch_size=64,

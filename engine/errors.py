@@ -1,7 +1,7 @@
 """The one exception type users see for bad input."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Union
 
 __all__ = ["ConfigError"]
 
@@ -9,8 +9,9 @@ __all__ = ["ConfigError"]
 class ConfigError(ValueError):
     """Bad user input; `problems` lists every problem found, each naming what was wrong."""
 
-    def __init__(self, problems: Iterable[str]):
-        self.problems = list(problems)
+    def __init__(self, problems: Union[str, Iterable[str]]):
+        # A plain string is one problem (DataLoader re-raises a worker's error from its message).
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
         if len(self.problems) == 1:
             msg = self.problems[0]
         else:

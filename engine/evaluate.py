@@ -2,10 +2,12 @@
 recall, each split into the forget part and the retain part."""
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,7 @@ from .data import EvalSet
 
 __all__ = ["zeroshot_classifier", "zeroshot_accuracy", "retrieval_recall", "forget_mask", "evaluate",
            "EvalEmbeddings", "embed_eval_set", "zeroshot_metrics", "retrieval_metrics", "benchmark_metrics",
-           "TASKS"]
+           "TASKS", "load_attributes", "attribute_mask", "zeroshot_breakdown"]
 
 RECALL_KS = (1, 5, 10)
 
@@ -92,14 +94,89 @@ def forget_mask(ev: EvalSet, forget_classes: Sequence[str]) -> Tensor:
     return torch.tensor([any(pattern.search(c) for c in caps) for caps in ev.captions], dtype=torch.bool)
 
 
+Where = Union[str, Mapping[str, Sequence[str]], None]  # "colour=red;background=white|black" or its parsed dict
+
+
+def load_attributes(root: str) -> List[dict]:
+    """The decoded `{key}.json` of each image of a CLIP_benchmark-layout set, in `load_eval_set`'s
+    order (the same shards, samples without an image skipped); {} for a sample without json."""
+    import webdataset as wds
+
+    from .data import IMAGE_KEYS
+
+    shards = sorted((Path(root) / "test").glob("*.tar"), key=lambda p: (len(p.stem), p.stem))
+    out: List[dict] = []
+    for sample in wds.DataPipeline(wds.SimpleShardList([str(s) for s in shards]), wds.tarfile_to_samples()):
+        if any(k in sample for k in IMAGE_KEYS.split(";")):
+            out.append(json.loads(sample["json"]) if "json" in sample else {})
+    return out
+
+
+def attribute_mask(attributes: Sequence[dict], where: Where) -> Tensor:
+    """(M,) bool: the images whose attributes match `where`: every key, any of its values
+    (compared as strings; an image without the key does not match). Empty `where`: all True.
+    Raises ValueError for a malformed `where` string."""
+    from .config import parse_attributes
+
+    where = parse_attributes(where) if isinstance(where, str) else dict(where or {})
+    return torch.tensor([all(str(a.get(k)) in tuple(map(str, vs)) for k, vs in where.items()) for a in attributes],
+                        dtype=torch.bool)
+
+
+def zeroshot_breakdown(image_emb: Tensor, classifier: Tensor, labels: Tensor, attributes: Sequence[dict], by: str,
+                       classnames: Sequence[str], classes: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, dict]]:
+    """Top-1 zero-shot accuracy of each class's images grouped by the attribute `by`.
+
+    Args:
+        image_emb: (M, d) normalised; classifier: (C, d) normalised; labels: (M,) int64;
+        attributes: M dicts (the images' json); classnames: the C names; classes: the classes to
+        break down (default all).
+    Returns:
+        {class: {value: {"acc": float, "n": int}}}, values sorted; images without `by` are left out.
+    """
+    if not (len(image_emb) == len(labels) == len(attributes)):
+        raise ValueError(f"image_emb, labels, attributes: expected equal lengths, got "
+                         f"{len(image_emb)}, {len(labels)}, {len(attributes)}")
+    pred = (image_emb @ classifier.T).argmax(dim=1) if len(image_emb) else labels
+    out: Dict[str, Dict[str, dict]] = {}
+    for c in classes if classes is not None else classnames:
+        idx = classnames.index(c)
+        groups: Dict[str, List[int]] = {}
+        for i in torch.nonzero(labels == idx).flatten().tolist():
+            if by in attributes[i]:
+                groups.setdefault(str(attributes[i][by]), []).append(i)
+        out[c] = {v: {"acc": (pred[rows] == idx).float().mean().item(), "n": len(rows)}
+                  for v, rows in sorted(groups.items())}
+    return out
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, tokenizer: Callable, ev: EvalSet, forget_classes: Sequence[str]) -> dict:
-    """`{"zeroshot": {"forget_acc", "retain_acc"}, "retrieval": {"forget": R, "retain": R}}`."""
+def evaluate(model: nn.Module, tokenizer: Callable, ev: EvalSet, forget_classes: Sequence[str], *,
+             attributes: Optional[Sequence[dict]] = None, forget_where: Where = None,
+             breakdown: Optional[str] = None) -> dict:
+    """`{"zeroshot": {"forget_acc", "retain_acc"}, "retrieval": {"forget": R, "retain": R}}`.
+
+    `attributes` (the images' json, `load_attributes`) enable two options: `forget_where` narrows
+    the forget part to the forget-class images whose attributes match (a subgroup; the rest of
+    those classes then count as retained), and `breakdown` adds `"zeroshot_by": {breakdown:
+    zeroshot_breakdown(...)}` over the forget classes.
+    """
+    from .config import parse_attributes
+
+    where = parse_attributes(forget_where) if isinstance(forget_where, str) else dict(forget_where or {})
+    if (where or breakdown) and attributes is None:
+        attributes = getattr(ev, "attributes", None)
+        if attributes is None:
+            raise ValueError("attributes: forget_where and breakdown need the images' attributes (load_attributes)")
+    if attributes is not None and len(attributes) != len(ev.images):
+        raise ValueError(f"attributes: expected one per image ({len(ev.images)}), got {len(attributes)}")
     was_training = model.training
     model.eval()
     try:
         image_emb = encode_images(model, ev.images)
         is_forget = forget_mask(ev, forget_classes)
+        if where:
+            is_forget &= attribute_mask(attributes, where)
         result: dict = {}
         if ev.labels is not None and ev.classnames:
             clf = zeroshot_classifier(model, tokenizer, ev.classnames, ev.templates)
@@ -107,6 +184,9 @@ def evaluate(model: nn.Module, tokenizer: Callable, ev: EvalSet, forget_classes:
                 "forget_acc": zeroshot_accuracy(image_emb[is_forget], clf, ev.labels[is_forget]),
                 "retain_acc": zeroshot_accuracy(image_emb[~is_forget], clf, ev.labels[~is_forget]),
             }
+            if breakdown:
+                result["zeroshot_by"] = {breakdown: zeroshot_breakdown(image_emb, clf, ev.labels, attributes, breakdown,
+                                                                       ev.classnames, forget_classes)}
         texts: List[str] = [c for caps in ev.captions for c in caps]
         if texts:
             owner = torch.tensor([i for i, caps in enumerate(ev.captions) for _ in caps])

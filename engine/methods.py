@@ -3,18 +3,19 @@ function from embeddings to named losses. The trainer's loop is the same for all
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from cliperase.kernels import clip_infonce, cliperase_loss, consistency_kl, forget_similarity
 
+from . import subgroup
 from .config import UnlearnConfig
 
-__all__ = ["Features", "Method", "METHODS", "get_method"]
+__all__ = ["Features", "RunContext", "Method", "METHODS", "get_method"]
 
 
 @dataclass
@@ -42,10 +43,46 @@ class Features:
     teacher_txt_all: Optional[Tensor] = None
     row_offset: int = 0
     teacher_logit_scale: Tensor | float | None = None  # the original model's s, frozen
+    step: int = 0  # the optimizer step being computed, 0-based (methods with stages switch on it)
+    method_state: Dict[str, Any] = field(default_factory=dict)  # RunContext.state, read-only here
+
+
+@dataclass
+class RunContext:
+    """What a method's hooks see of a run. Built by the engine (engine/api.py), one per rank.
+
+    `state` is the method's own state (chosen layers, an EMA, prompt embeddings...): saved in
+    every checkpoint and restored before `setup` runs again on resume, so a hook that finds its
+    result in `state` need not recompute it. Tensors in it are saved as they are.
+    """
+
+    cfg: UnlearnConfig
+    student: nn.Module  # the open_clip model being trained (plain module, full parameters)
+    teacher: Optional[nn.Module]  # the frozen original, when the method uses one
+    tokenizer: Callable
+    device: torch.device
+    # Fresh batch iterators of this rank's forget / retain data, separate from the training
+    # streams (reading them does not move the training data position): `batches("forget")`.
+    batches: Callable[[str], Iterator[Tuple[Tensor, Tensor]]]
+    # Rank 0 only (None elsewhere): evaluate(model, eval_data) -> engine/evaluate.py's metrics dict.
+    evaluate: Optional[Callable[..., dict]] = None
+    state: Dict[str, Any] = field(default_factory=dict)
+    report: Dict[str, Any] = field(default_factory=dict)  # entries for report.json, under "method_details"
 
 
 @dataclass(frozen=True)
 class Method:
+    """An unlearning method: the data and teacher outputs it needs, its objective, and optional
+    hooks around the engine's one training loop (none of them touch the loop itself).
+
+    - `setup(ctx)`: every rank, before the optimizer is built (so it may freeze parameters with
+      `requires_grad_(False)`; the optimizer then holds only the rest). Called again on resume.
+    - `after_step(ctx, step)`: every rank, after each optimizer step (1-based), e.g. an EMA update.
+    - `finish(ctx, model)`: rank 0, after training, on the consolidated fp32 model; may change
+      its weights in place (a model soup) and record choices in `ctx.report`.
+    `needs_full_params`: the hooks read whole parameters, so ZeRO-3 (which shards them) is refused.
+    """
+
     name: str
     summary: str
     uses_forget: bool
@@ -53,6 +90,10 @@ class Method:
     uses_teacher: bool  # the frozen original model's embeddings of the retain batch
     objective: Callable[[Features, UnlearnConfig], Dict[str, Tensor]]  # must return "loss"
     teacher_on_forget: bool = False  # the teacher's embeddings of the forget batch too
+    setup: Optional[Callable[[RunContext], None]] = None
+    after_step: Optional[Callable[[RunContext, int], None]] = None
+    finish: Optional[Callable[[RunContext, nn.Module], None]] = None
+    needs_full_params: bool = False
 
 
 def _n(x: Tensor) -> Tensor:
@@ -132,6 +173,35 @@ def _multidelete(f: Features, cfg: UnlearnConfig) -> Dict[str, Tensor]:
     return {"loss": loss, "forget_match": forget, "retain_embedding_mse": retain}
 
 
+def _subgroup(f: Features, cfg: UnlearnConfig) -> Dict[str, Tensor]:
+    # Stage 1, forget (the first cfg.subgroup_plan() forget steps): each forget image's cosine to
+    # its class prompt (the original's embedding of forget_classes x the eval templates, fixed in
+    # method_state; several classes: the one the original's image embedding is nearest), shaped
+    # by forget_mode/margin. Stage 2, remind: lambda_r * retain InfoNCE + lambda_c * KL to the
+    # original. Every term is logged every step; only the stage's own carries gradient.
+    _, forget_steps, remind_steps = cfg.subgroup_plan()
+    stage = "forget" if f.step < forget_steps else "remind" if f.step < forget_steps + remind_steps else "none"
+    prompts = f.method_state["prompts"]  # (C, d) normalised
+    if len(prompts) == 1:
+        target = prompts.expand(len(f.forget_img), -1)
+    else:
+        target = prompts[(f.teacher_forget_img @ prompts.T).argmax(dim=1)]
+    with torch.set_grad_enabled(stage == "forget" and torch.is_grad_enabled()):
+        forget = forget_similarity(f.forget_img, target, mode=cfg.forget_mode, margin=cfg.forget_margin)
+    with torch.set_grad_enabled(stage == "remind" and torch.is_grad_enabled()):
+        infonce, kl = cliperase_loss(_n(f.retain_img), _n(f.retain_txt), f.teacher_img, f.teacher_txt, f.logit_scale,
+                                     teacher_logit_scale=f.teacher_logit_scale, impl=cfg.loss_impl,
+                                     **_cols(f, "retain", teacher=True))
+    if stage == "forget":
+        loss = forget
+    elif stage == "remind":
+        loss = cfg.lambda_r * infonce + cfg.lambda_c * kl
+    else:  # restore only: no-op steps (zero gradients) so the engine's loop runs unchanged
+        loss = 0.0 * (f.forget_img.sum() + f.retain_img.sum())
+    return {"loss": loss, "forget_prompt_sim": forget.detach(), "retain_infonce": infonce.detach(),
+            "consistency_kl": kl.detach()}
+
+
 METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("cliperase", "CLIPErase: forget-pair similarity + retain InfoNCE + KL to the original",
            uses_forget=True, uses_retain=True, uses_teacher=True, objective=_cliperase),
@@ -148,6 +218,10 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("multidelete", "forget pairs matched to the original's shuffled-caption similarity + "
            "retain embeddings kept (MultiDelete-style)",
            uses_forget=True, uses_retain=True, uses_teacher=True, objective=_multidelete, teacher_on_forget=True),
+    Method("subgroup", "subgroup forgetting (Zhang et al. 2025): top-k Fisher layers pushed off the class prompt, "
+           "then retain InfoNCE + KL with an EMA, then a soup with the original chosen on a calibration split",
+           uses_forget=True, uses_retain=True, uses_teacher=True, objective=_subgroup, teacher_on_forget=True,
+           setup=subgroup.setup, after_step=subgroup.after_step, finish=subgroup.finish, needs_full_params=True),
 )}
 
 

@@ -14,6 +14,7 @@ import contextlib
 import difflib
 import os
 import socket
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -23,7 +24,7 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["LoadedModel", "register_configs", "available_models", "check_model_spec", "load_model"]
+__all__ = ["LoadedModel", "register_configs", "available_models", "check_model_spec", "checkpoint_file_problems", "load_model"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz")
@@ -72,6 +73,9 @@ def check_model_spec(name: str, pretrained: Optional[str]) -> List[str]:
     if not pretrained:
         return problems
     if Path(pretrained).is_file():
+        return checkpoint_file_problems(pretrained)
+    if Path(pretrained).is_dir():
+        problems.append(f"pretrained: {pretrained!r} is a directory, expected a checkpoint file")
         return problems
     if _looks_like_path(pretrained):
         problems.append(f"pretrained: checkpoint file {pretrained!r} does not exist")
@@ -81,6 +85,54 @@ def check_model_spec(name: str, pretrained: Optional[str]) -> List[str]:
         listed = ", ".join(tags) if tags else "none (use a local checkpoint path)"
         problems.append(f"pretrained: {pretrained!r} is neither a file nor an open_clip tag of {name}; tags: {listed}")
     return problems
+
+
+def checkpoint_file_problems(path: str) -> List[str]:
+    """Problems with a local checkpoint file that its container shows: empty, not a torch.save
+    archive (garbage, a download cut short), no tensors in it. Tensors are memory-mapped and
+    never read, so a multi-GB checkpoint costs milliseconds; weights of another architecture
+    are only found when load_model loads them."""
+    p = Path(path)
+    if p.stat().st_size == 0:
+        return [f"pretrained: checkpoint file {path!r} is empty (0 bytes)"]
+    if p.suffix in (".npz", ".npy"):  # big_vision weights: open_clip converts them while loading
+        return []
+    if p.suffix == ".safetensors":
+        try:
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                has_tensors = bool(list(f.keys()))
+        except Exception as exc:  # safetensors raises its own error types for a bad header
+            return [f"pretrained: {path!r} is not a readable safetensors file ({_brief(exc)})"]
+        return [] if has_tensors else [f"pretrained: {path!r} holds no tensors"]
+    if not zipfile.is_zipfile(p):
+        with open(p, "rb") as f:
+            if f.read(1) == b"\x80":  # a pickle: torch.save's legacy format, only checked when loaded
+                return []
+        return [f"pretrained: {path!r} is not a PyTorch checkpoint (neither a torch.save archive nor a pickle; "
+                "a truncated download or another format?)"]
+    with zipfile.ZipFile(p) as z:
+        if any(n.endswith("/constants.pkl") for n in z.namelist()):
+            return []  # a TorchScript archive (OpenAI's releases): reading it builds the module
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, ... for a damaged archive
+        return [f"pretrained: {path!r} cannot be read as a PyTorch checkpoint ({_brief(exc)})"]
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        found = "an empty dict" if obj == {} else f"a {type(obj).__name__}"
+        return [f"pretrained: {path!r} holds no state dict of tensors (found {found})"]
+    return []
+
+
+def _brief(exc: BaseException, limit: int = 300) -> str:
+    """`Type: message` on one line, cut at `limit` characters: torch's load errors run to
+    thousands (every missing key of a state dict)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    text = f"{type(exc).__name__}: {text}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _hub_reachable(timeout: float = 2.0) -> bool:
@@ -136,7 +188,7 @@ def load_model(name: str, pretrained: Optional[str] = None, *, device: str | tor
                 "Without network access, download the weights elsewhere and pass the file path."
             ]) from exc
         if pretrained:
-            raise ConfigError([f"pretrained: {pretrained!r} is not a checkpoint of {name} ({type(exc).__name__}: {exc})"]) from exc
+            raise ConfigError([f"pretrained: {pretrained!r} is not a checkpoint of {name} ({_brief(exc)})"]) from exc
         raise
     model.eval()
     return LoadedModel(model, preprocess, open_clip.get_tokenizer(name), name, pretrained)

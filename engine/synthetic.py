@@ -23,7 +23,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import webdataset as wds
 from PIL import Image, ImageDraw
 
-__all__ = ["SHAPES", "COLOURS", "BACKGROUNDS", "TEMPLATES", "Sample", "generate", "write_default"]
+__all__ = ["SHAPES", "COLOURS", "BACKGROUNDS", "TEMPLATES", "Sample", "generate", "write_default", "split_pairs"]
 
 # Six shapes a 32-pixel image tells apart; near-twins (hexagon ~ circle, diamond ~ square) are left
 # out so that accuracy measures forgetting, not resolution.
@@ -202,5 +202,44 @@ def write_default(
     say(f"generating {n_eval} evaluation samples")
     counts["eval"] = write_eval(generate(n_eval, seed + 1, prefix="eval-"), tmp / "eval", SHAPES)
     (tmp / "manifest.json").write_text(json.dumps({"seed": seed, "counts": counts}, indent=1))
+    tmp.rename(root)
+    return counts
+
+
+def split_pairs(src: Path, root: Path, *, forget: Callable[[dict], bool], shard_size: int = 1000) -> Dict[str, int]:
+    """Split img2dataset shards by their `{key}.json` attributes into `root/forget/` and
+    `root/retain/`, bytes copied unchanged (the same pairs another split of the same data holds).
+
+    `forget(meta)` gets each sample's decoded json. Samples without json go to retain. Writes into
+    a temporary folder renamed into place, like `write_default`. Returns the count of each part.
+    """
+    import tarfile
+
+    tmp = root.with_name(root.name + ".partial")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    counts = {"forget": 0, "retain": 0}
+    (tmp / "forget").mkdir(parents=True)
+    (tmp / "retain").mkdir(parents=True)
+    sinks = {part: wds.ShardWriter(str(tmp / part / "%05d.tar"), maxcount=shard_size, verbose=0) for part in counts}
+    try:
+        for shard in sorted(Path(src).glob("*.tar")):
+            samples: Dict[str, dict] = {}
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    if member.isfile():
+                        key, _, ext = member.name.partition(".")
+                        samples.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
+            for key, sample in samples.items():
+                meta = json.loads(sample["json"]) if "json" in sample else {}
+                part = "forget" if forget(meta) else "retain"
+                sinks[part].write(sample)
+                counts[part] += 1
+    finally:
+        for sink in sinks.values():
+            sink.close()
+    (tmp / "manifest.json").write_text(json.dumps({"source": str(src), "counts": counts}, indent=1))
     tmp.rename(root)
     return counts

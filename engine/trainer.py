@@ -60,10 +60,25 @@ class TorchStepper:
     """
 
     def __init__(self, params: Iterable[nn.Parameter], *, lr: float, weight_decay: float,
-                 lr_fn: Callable[[int], float], accum_steps: int = 1, grad_clip: float = 0.0):
+                 lr_fn: Callable[[int], float], accum_steps: int = 1, grad_clip: float = 0.0,
+                 module: Optional[nn.Module] = None):
         self.optimizer = make_optimizer(params, lr, weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_fn)
         self.accum_steps, self.grad_clip, self.micro = accum_steps, grad_clip, 0
+        self.module = module  # whose state_dict checkpoints hold (save/load)
+
+    def save(self, directory: Path) -> None:
+        """Model, optimizer and schedule state into `directory` (one process: the only writer)."""
+        state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "micro": self.micro}
+        torch.save(state, Path(directory) / "model_optim.pt")
+
+    def load(self, directory: Path) -> None:
+        state = torch.load(Path(directory) / "model_optim.pt", map_location="cpu", weights_only=True)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.micro = state["micro"]
 
     def backward(self, loss: Tensor) -> None:
         (loss if self.accum_steps == 1 else loss / self.accum_steps).backward()
@@ -92,6 +107,16 @@ class DeepSpeedStepper:
 
     def __init__(self, engine):
         self.engine = engine
+
+    def save(self, directory: Path) -> None:
+        """Collective: every rank writes its shard of the module and optimizer states (ZeRO)."""
+        self.engine.save_checkpoint(str(Path(directory).parent), tag=Path(directory).name, save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        """Collective. DeepSpeed restores the module, optimizer, lr scheduler and its step counters."""
+        path, _ = self.engine.load_checkpoint(str(Path(directory).parent), tag=Path(directory).name)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint to load in {directory}")
 
     def backward(self, loss: Tensor) -> None:
         self.engine.backward(loss)
@@ -132,6 +157,7 @@ def train_loop(
     accum_steps: int = 1,
     timer=None,
     on_step: Optional[Callable[[int, Optional[dict]], None]] = None,
+    start_step: int = 0,
 ) -> List[dict]:
     """Run `steps` optimizer steps of `accum_steps` micro-batches each; returns the logged rows
     (step, lr, each named loss averaged over the step's micro-batches, rate).
@@ -141,7 +167,8 @@ def train_loop(
     `timer`: a telemetry.DataWaitTimer whose `step()` times each optimizer step (for the share
     of step time spent waiting for data), or None.
     `stepper`: a TorchStepper or DeepSpeedStepper; None builds a TorchStepper over `params`
-    with `lr`, `weight_decay` and the schedule. Raises NonFiniteLoss at the first log step whose
+    with `lr`, `weight_decay` and the schedule. `start_step`: optimizer steps already done (a
+    resumed run; the stepper's state restored), the loop runs the rest. Raises NonFiniteLoss at the first log step whose
     losses are not all finite.
     """
     if stepper is None:
@@ -150,9 +177,10 @@ def train_loop(
     history: List[dict] = []
     log = open(log_path, "a") if log_path else None
     t0 = last_t = time.perf_counter()
-    last_step = 0
+    last_step = start_step
     try:
-        bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
+        bar = tqdm(range(start_step, steps), desc=desc, disable=not progress, dynamic_ncols=True, initial=start_step,
+                   total=steps)
         for step in bar:
             with timer.step() if timer is not None else contextlib.nullcontext():
                 for micro in range(accum_steps):

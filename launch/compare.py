@@ -2,6 +2,7 @@
 
     python launch/compare.py                                  # every method on the embedded default
     python launch/compare.py --methods cliperase,ga --steps 30
+    python launch/compare.py --task red-circle --methods subgroup,cliperase   # forget one subgroup only
     python launch/compare.py --model ViT-B-32 --pretrained laion2b_s34b_b79k --forget-data f/ \\
         --retain-data r/ --eval-data eval/ --forget-classes dog --heldout-eval imagenet_wds/ \\
         --holdout-data unseen_dogs/ --output-dir runs/compare
@@ -16,6 +17,10 @@ scored with the same code, and --output-dir gets:
   forget_vs_retain.png       final forget vs retain zero-shot accuracy per method
   accuracy_curves.png        forget and retain zero-shot accuracy over steps per method (eval.jsonl)
   similarity.png             forget-pair cosine distributions, original vs each method
+With --breakdown ATTR (the red-circle task sets colour) compare.md gets a second table: zero-shot
+accuracy of the forget classes' eval images split by that json attribute (red circles, blue
+circles, ...), images outside the forget classes, and each method's largest drop on a sibling
+(a value the forget_attributes do not select) against the original.
 MIA: a similarity-threshold attack, forget pairs (members) vs never-seen pairs of the same
 distribution (--holdout-data shards; the embedded default generates them with another seed;
 otherwise the eval set's forget-class images and captions). AUC 0.5 = cannot tell them apart.
@@ -63,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-pairs", type=int, default=1000, help="forget / never-seen pairs scored for the histograms and MIA (default 1000)")
     a("--output-dir", default="runs/compare", help="where the runs and the comparison go (default runs/compare)")
     a("--overwrite", action="store_true", help="allow --output-dir to hold earlier runs")
+    a("--task", help="embedded default only: what to forget, one of the demo tasks (circle: every circle, the "
+                     "default; red-circle: red circles only, other circles kept)")
+    a("--breakdown", metavar="ATTR", help="split the forget classes' zero-shot accuracy by this attribute of the eval "
+                                          "set's {key}.json (default: the demo task's, e.g. colour)")
     a("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -80,7 +89,9 @@ def base_config(args: argparse.Namespace) -> Tuple[UnlearnConfig, bool]:
         from cliperase.engine.demo import demo_config
 
         given.setdefault("output_dir", args.output_dir)
-        return demo_config(progress=not args.no_progress, **given), True
+        return demo_config(progress=not args.no_progress, task=args.task or "circle", **given), True
+    if args.task:
+        raise ConfigError(["--task: chooses a task of the embedded default; give it without data flags"])
     given.setdefault("output_dir", args.output_dir)
     return UnlearnConfig.from_dict(given), False
 
@@ -98,14 +109,15 @@ def nonmember_pairs(cfg: UnlearnConfig, args, is_demo: bool, preprocess, out: Pa
     if args.holdout_data:
         return (*load_pairs(args.holdout_data, preprocess, limit=n, what="holdout_data"), args.holdout_data)
     if is_demo:
-        from cliperase.engine.demo import DEMO_FORGET_CLASS
+        from cliperase.engine.demo import DEMO_TASKS
         from cliperase.engine.synthetic import generate, write_pairs
 
-        shards = out / "holdout"
+        task = args.task or "circle"
+        shards = out / ("holdout" if task == "circle" else f"holdout-{task}")
         if not list(shards.glob("*.tar")):
-            # Same generator, same forget class, another seed, JPEG like the training shards:
+            # Same generator, same forget rule, another seed, JPEG like the training shards:
             # the only difference from the forget pairs is that no model was trained on these.
-            write_pairs(generate(n, _HOLDOUT_SEED, shapes=(DEMO_FORGET_CLASS,), prefix="holdout-"), shards)
+            write_pairs(generate(n, _HOLDOUT_SEED, **DEMO_TASKS[task].generate_kwargs(), prefix="holdout-"), shards)
         return (*load_pairs(str(shards), preprocess, limit=n, what="holdout"), f"generated (seed {_HOLDOUT_SEED})")
     from cliperase.engine.data import load_eval_set
     from cliperase.engine.evaluate import forget_mask
@@ -135,6 +147,52 @@ def score_model(model, tokenizer, forget, nonmember, heldout) -> dict:
             m = zeroshot_metrics(emb.image_emb, emb.classifier, ev.labels, torch.zeros(len(ev.labels), dtype=torch.bool))
             out["heldout"][name] = m["acc1"]
     return out
+
+
+def breakdown_scores(model, tokenizer, ev, attributes, by: str, cfg: UnlearnConfig) -> dict:
+    """Zero-shot accuracy of the forget classes' eval images split by attribute `by`
+    ({class: {value: {"acc", "n"}}}), of the images outside the forget classes ("other_acc") and of
+    those split by `by` too ("other_by": {value: {"acc", "n"}}: red squares, red stars... together)."""
+    from cliperase.engine.evaluate import (attribute_mask, embed_eval_set, forget_mask, zeroshot_accuracy,
+                                           zeroshot_breakdown)
+
+    emb = embed_eval_set(model, tokenizer, ev)
+    in_classes = forget_mask(ev, cfg.forget_classes)
+    by_class = zeroshot_breakdown(emb.image_emb, emb.classifier, ev.labels, attributes, by, ev.classnames,
+                                  list(cfg.forget_classes))
+    other = zeroshot_accuracy(emb.image_emb[~in_classes], emb.classifier, ev.labels[~in_classes])
+    other_by = {}
+    for value in sorted({str(a[by]) for a in attributes if by in a}):
+        keep = ~in_classes & attribute_mask(attributes, {by: (value,)})
+        other_by[value] = {"acc": zeroshot_accuracy(emb.image_emb[keep], emb.classifier, ev.labels[keep]),
+                           "n": int(keep.sum())}
+    return {"by": by, "classes": by_class, "other_acc": other, "other_by": other_by}
+
+
+def breakdown_table(rows: List[dict], by: str, where: dict) -> str:
+    """Markdown: one column per (forget class, attribute value), the other classes (all, and those with
+    the forgotten values: the same colour on other shapes), the largest drop on a sibling."""
+    ok = [r for r in rows if not r.get("error") and r.get("breakdown")]
+    if not ok:
+        return ""
+    base = next((r for r in ok if r["method"] == "original"), None)
+    cols = [(c, v) for c, values in ok[0]["breakdown"]["classes"].items() for v in values]
+    selected = where.get(by, ())
+    siblings = [(c, v) for c, v in cols if selected and v not in selected]
+    head = ["method"] + [f"{c} {by}={v}{' (forgotten)' if v in selected else ''}" for c, v in cols] + [
+        "other classes"] + [f"other classes {by}={v}" for v in selected] + ["largest sibling drop"]
+    lines = [f"### Zero-shot accuracy of the forget classes' eval images by {by}", "",
+             f"Forgotten: {', '.join(f'{k}={chr(124).join(v)}' for k, v in where.items()) or 'whole classes'}; "
+             f"sibling = a {by} the forget set does not select; drop = original minus method.", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in ok:
+        acc = lambda c, v, row=r: row["breakdown"]["classes"].get(c, {}).get(v, {}).get("acc")  # noqa: E731
+        drop = max((acc(c, v, base) - acc(c, v) for c, v in siblings), default=None) if base and siblings else None
+        r["largest_sibling_drop"] = drop
+        other_by = [_f(r["breakdown"].get("other_by", {}).get(v, {}).get("acc")) for v in selected]
+        lines.append("| " + " | ".join([r["method"]] + [_f(acc(c, v)) for c, v in cols]
+                                       + [_f(r["breakdown"]["other_acc"])] + other_by + [_f(drop)]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _f(v, digits: int = 3) -> str:
@@ -277,6 +335,20 @@ def _compare(args, base: UnlearnConfig, is_demo: bool, configs: Dict[str, Unlear
     forget = load_pairs(base.forget_data, original.preprocess, limit=args.max_pairs, what="forget_data")
     nonmember = nonmember_pairs(base, args, is_demo, original.preprocess, out, args.max_pairs)
     heldout = {Path(h).resolve().name: load_eval_set(h, original.preprocess) for h in args.heldout_eval}
+    by = args.breakdown
+    if by is None and is_demo:
+        from cliperase.engine.demo import DEMO_TASKS
+
+        by = DEMO_TASKS[args.task or "circle"].breakdown
+    if by:
+        from cliperase.engine.evaluate import load_attributes
+
+        eval_set, attributes = load_eval_set(base.eval_data, original.preprocess), load_attributes(base.eval_data)
+
+    def add_breakdown(r: dict, model, tokenizer) -> dict:
+        if by:
+            r["breakdown"] = breakdown_scores(model, tokenizer, eval_set, attributes, by, base)
+        return r
 
     def row(method: str, report_part: dict, scores: dict, wall_s) -> dict:
         retrieval = {f"{part}_{k}": v for part, r in report_part.get("retrieval", {}).items() for k, v in r.items()}
@@ -288,14 +360,18 @@ def _compare(args, base: UnlearnConfig, is_demo: bool, configs: Dict[str, Unlear
     scores = {"original": score_model(original.model, original.tokenizer, forget, nonmember, heldout)}
     rows = []
     if reports:
-        rows.append(row("original", next(iter(reports.values()))["before"], scores["original"], None))
+        rows.append(add_breakdown(row("original", next(iter(reports.values()))["before"], scores["original"], None),
+                                  original.model, original.tokenizer))
     for name in configs:
         if name in errors:
             rows.append({"method": name, "error": errors[name]})
             continue
         model = load_model(base.model, reports[name]["checkpoint"], device=device)
         scores[name] = score_model(model.model, model.tokenizer, forget, nonmember, heldout)
-        rows.append(row(name, reports[name]["after"], scores[name], reports[name]["wall_s"]))
+        rows.append(add_breakdown(row(name, reports[name]["after"], scores[name], reports[name]["wall_s"]),
+                                  model.model, model.tokenizer))
+        if reports[name].get("method_details"):
+            rows[-1]["method_details"] = reports[name]["method_details"]
         del model
 
     series = {"original: forget pairs": scores["original"]["forget_sims"]}
@@ -312,12 +388,17 @@ def _compare(args, base: UnlearnConfig, is_demo: bool, configs: Dict[str, Unlear
     heldout_names = list(heldout)
     title = (f"## {base.model} ({Path(base.pretrained).name if base.pretrained else 'random init'}): "
              f"{base.steps} steps, batch {base.batch_size} + {base.batch_size}, lr {base.lr}, seed {base.seed}, "
-             f"forget classes {', '.join(base.forget_classes)}\n\n"
+             f"forget classes {', '.join(base.forget_classes)}"
+             f"{f' ({base.forget_attributes} only)' if base.forget_attributes else ''}\n\n"
              f"Zero-shot and retrieval on {base.eval_data}; forget-pair cosine = mean over {len(forget[1])} forget "
              f"pairs; MIA = similarity-threshold attack, forget pairs vs "
              f"{len(nonmember[1]) if nonmember else 0} never-seen pairs "
              f"({nonmember[2] if nonmember else 'none available'}); wall s = whole unlearn() call.")
     table = markdown_table(rows, heldout_names, title)
+    if by:
+        from cliperase.engine.config import parse_attributes
+
+        table += "\n" + breakdown_table(rows, by, parse_attributes(base.forget_attributes))
     (out / "compare.md").write_text(table)
     write_json({"config": base.to_dict(), "methods": list(configs), "rows": rows, "histogram": hist,
                 "nonmember_source": nonmember[2] if nonmember else None}, out / "compare.json")

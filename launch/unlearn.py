@@ -15,6 +15,8 @@ if __package__ in (None, ""):  # run as a script (python launch/unlearn.py, deep
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cliperase.engine import ConfigError, UnlearnConfig, unlearn  # noqa: E402
+from cliperase.engine.api import Interrupted  # noqa: E402
+from cliperase.engine.trainer import NonFiniteLoss  # noqa: E402
 from cliperase.engine.config import METHOD_NAMES, config_overrides  # noqa: E402
 
 _DEFAULTS = UnlearnConfig()
@@ -40,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--precision", help="training precision: fp32, bf16 or fp16 (default fp32)")
     a("--grad-checkpointing", action="store_true", default=None, help="recompute activations in backward")
     a("--accum-steps", type=int, help="micro-batches accumulated per optimizer step (default 1)")
+    a("--save-every", type=int, help=f"training checkpoint every N steps, 0: only at the end (default {_DEFAULTS.save_every})")
+    a("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+      help="continue the run in --output-dir from its newest complete checkpoint (or from CHECKPOINT, a "
+           "checkpoints/step_N directory); with none yet, start it")
     a("--deepspeed-config", help="DeepSpeed JSON merged into the built config; conflicts with flags are errors")
     a("--config", help="JSON file of UnlearnConfig fields; flags given on the command line win")
     a("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -55,7 +61,7 @@ def config_from_args(args: argparse.Namespace) -> Optional[UnlearnConfig]:
     given = config_overrides(args.config, args.set)
     for name in ("model", "pretrained", "forget_data", "retain_data", "eval_data", "method", "steps",
                  "batch_size", "lr", "seed", "output_dir", "overwrite", "zero_stage", "precision",
-                 "grad_checkpointing", "accum_steps", "deepspeed_config"):
+                 "grad_checkpointing", "accum_steps", "deepspeed_config", "save_every", "resume"):
         value = getattr(args, name)
         if value is not None:
             given[name] = value
@@ -68,8 +74,10 @@ def config_from_args(args: argparse.Namespace) -> Optional[UnlearnConfig]:
 
 def print_summary(report: dict) -> None:
     b, a = report["before"], report["after"]
-    rows = [("zero-shot forget acc", b["zeroshot"]["forget_acc"], a["zeroshot"]["forget_acc"]),
-            ("zero-shot retain acc", b["zeroshot"]["retain_acc"], a["zeroshot"]["retain_acc"])]
+    rows = []
+    if "zeroshot" in b:  # absent for a retrieval-only eval set (no classnames.txt)
+        rows += [("zero-shot forget acc", b["zeroshot"]["forget_acc"], a["zeroshot"]["forget_acc"]),
+                 ("zero-shot retain acc", b["zeroshot"]["retain_acc"], a["zeroshot"]["retain_acc"])]
     for part in ("forget", "retain"):
         if "retrieval" in b:
             rows.append((f"retrieval {part} i2t R@1", b["retrieval"][part]["i2t_r1"], a["retrieval"][part]["i2t_r1"]))
@@ -93,6 +101,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exc:
         print(f"unlearn: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"unlearn: {exc}", file=sys.stderr)
+        return 128 + exc.signum  # the shell's convention for "stopped by a signal"
+    except NonFiniteLoss as exc:
+        print(f"unlearn: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # disk full, permissions, a vanished directory: the run is resumable
+        print(f"unlearn: error: {exc}\nComplete checkpoints are kept; fix the cause and run the same command "
+              "with --resume to continue from the last one.", file=sys.stderr)
+        return 1
     if report is not None:  # None on ranks other than 0 of a distributed run
         print_summary(report)
     return 0

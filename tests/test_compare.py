@@ -58,3 +58,22 @@ def test_markdown_table_marks_failed_methods():
     table = compare.markdown_table([ok, {"method": "ga", "error": "step 3: non-finite loss"}], [], "## t")
     assert "| original | 0.900 | 0.800 | 0.500 | — | — | — | 0.300 | — | — |" in table
     assert "| ga | failed: step 3: non-finite loss |" in table
+
+
+def test_breakdown_table_reports_each_subgroup_and_the_largest_sibling_drop():
+    def row(method, red, blue, green, other):
+        acc = lambda a: {"acc": a, "n": 40}  # noqa: E731
+        return {"method": method, "breakdown": {"by": "colour", "other_acc": other, "other_by": {"red": acc(other - 0.1)},
+                                                "classes": {"circle": {"blue": acc(blue), "green": acc(green), "red": acc(red)}}}}
+    rows = [row("original", 1.0, 1.0, 1.0, 0.99), row("subgroup", 0.1, 0.975, 0.9, 0.98), {"method": "ga", "error": "x"}]
+    table = compare.breakdown_table(rows, "colour", {"colour": ("red",)})
+    assert "| method | circle colour=blue | circle colour=green | circle colour=red (forgotten) | other classes | " \
+           "other classes colour=red | largest sibling drop |" in table
+    assert "| original | 1.000 | 1.000 | 1.000 | 0.990 | 0.890 | 0.000 |" in table
+    assert "| subgroup | 0.975 | 0.900 | 0.100 | 0.980 | 0.880 | 0.100 |" in table  # green: 1.0 -> 0.9
+    assert rows[1]["largest_sibling_drop"] == pytest.approx(0.1)
+
+
+def test_task_is_for_the_embedded_default_only(tiny_data, tiny_checkpoint, tmp_path, capsys):
+    assert compare.main(_args(tiny_data, tiny_checkpoint, tmp_path / "cmp", "--task", "red-circle")) == 2
+    assert "--task: chooses a task of the embedded default" in capsys.readouterr().err

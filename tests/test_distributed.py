@@ -279,14 +279,16 @@ def test_deepspeed_launcher_two_ranks_match_one_process(stage, tiny_data, tiny_v
 
     out = tmp_path / f"zero{stage}"
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    # Stage 3 also recomputes activations (grad checkpointing): fp32 recompute is exact.
-    extra = ["--grad-checkpointing"] if stage == 3 else []
+    # Stage 3 also recomputes activations (grad checkpointing): fp32 recompute is exact; and its
+    # teacher runs live under ZeRO-3 inference (sharded) against the cached one of the 1-process run.
+    extra = ["--grad-checkpointing", "--set", "teacher=live"] if stage == 3 else []
     _run([str(deepspeed), "--num_gpus", "2", "--master_port", str(_free_port()), "launch/unlearn.py",
           *_args(tiny_data, tiny_vit_checkpoint, out, 4, "--zero-stage", str(stage), *extra)])
     _assert_same_trajectory(_losses(out), _losses(single_process_run))
     ds = json.loads((out / "ds_config.json").read_text())
     assert ds["train_batch_size"] == 8 and ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["zero_optimization"]["stage"] == stage
+    assert (out / "teacher_cache").exists() == (stage != 3)
     run = json.loads((out / "run.json").read_text())
     assert run["world_size"] == 2 and run["status"] == "finished" and run["config"]["grad_checkpointing"] == (stage == 3)
     register_configs()
@@ -302,3 +304,38 @@ def test_deepspeed_launcher_two_ranks_match_one_process(stage, tiny_data, tiny_v
     assert moved > 1e-4
     for k, v in state.items():
         torch.testing.assert_close(v, reference[k], rtol=0, atol=3 * 3e-4, msg=k)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_killed_and_resumed_ends_at_the_uninterrupted_weights(tiny_data, tiny_vit_checkpoint,  # noqa: F811
+                                                                               tmp_path):
+    """2 ranks, ZeRO-3: rank 0 dies by SIGKILL right after the step-2 checkpoint is sealed; the
+    same command with --resume loads every rank's shard, the data positions and the lr schedule,
+    and steps 3-4 and the exported weights equal those of a run never stopped."""
+    deepspeed = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2"]
+
+    def args(out):
+        a = _args(tiny_data, tiny_vit_checkpoint, out, 4, "--zero-stage", "3", "--save-every", "2")
+        a[a.index("--steps") + 1] = "4"
+        return a
+
+    ref, out = tmp_path / "uninterrupted", tmp_path / "resumed"
+    _run([*deepspeed, "--master_port", str(_free_port()), "launch/unlearn.py", *args(ref)])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TRITON_INTERPRET")}
+    env["FAULT"] = json.dumps({"kind": "kill_after_checkpoint", "call": 1})
+    killed = subprocess.run([*deepspeed, "--master_port", str(_free_port()), "tests/fault_runner.py", *args(out)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert killed.returncode != 0
+    assert (out / "log.jsonl").is_file(), killed.stderr[-4000:]
+    assert [json.loads(r)["step"] for r in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+    assert not (out / "model.pt").exists() and (out / "checkpoints" / "step_00000002" / "manifest.json").is_file()
+    _run([*deepspeed, "--master_port", str(_free_port()), "launch/unlearn.py", *args(out), "--resume"])
+    got, want = _losses(out), _losses(ref)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3, 4]
+    for g, w in zip(got, want):
+        for k in w:
+            assert g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-7), (k, g, w)
+    a, b = torch.load(out / "model.pt"), torch.load(ref / "model.pt")
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert json.loads((out / "report.json").read_text())["resumed_from"].endswith("step_00000002")

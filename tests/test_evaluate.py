@@ -6,6 +6,7 @@ import torch
 
 from cliperase.engine.data import EvalSet
 from cliperase.engine.evaluate import forget_mask, retrieval_recall, zeroshot_accuracy
+from helpers import tiny_checkpoint, tiny_data  # noqa: F401
 
 
 def test_zeroshot_accuracy_known_answer():
@@ -42,3 +43,60 @@ def test_forget_mask_by_label_and_by_caption_word():
     assert forget_mask(ev, ["dog"]).tolist() == [False, True, True]
     ev = EvalSet([], [], torch.zeros(3, 3, 2, 2), None, [["a Dog runs"], ["a hotdog"], ["two cats", "dog."]])
     assert forget_mask(ev, ["dog"]).tolist() == [True, False, True]
+
+
+def test_zeroshot_breakdown_groups_a_class_by_any_attribute():
+    from cliperase.engine.evaluate import zeroshot_breakdown
+
+    clf = torch.eye(2)  # classes circle (0), square (1)
+    images = torch.tensor([[1.0, 0], [0.2, 0.8], [1.0, 0], [0.9, 0.1], [0, 1.0], [0.3, 0.7]])
+    labels = torch.tensor([0, 0, 0, 0, 1, 1])  # image 1 is a circle taken for a square
+    attrs = [{"colour": "red"}, {"colour": "red"}, {"colour": "blue"}, {"colour": "blue", "size": 2}, {"colour": "red"},
+             {}]
+    out = zeroshot_breakdown(images, clf, labels, attrs, "colour", ["circle", "square"])
+    assert out == {"circle": {"blue": {"acc": 1.0, "n": 2}, "red": {"acc": 0.5, "n": 2}},
+                   "square": {"red": {"acc": 1.0, "n": 1}}}  # the square without a colour is left out
+    assert zeroshot_breakdown(images, clf, labels, attrs, "size", ["circle", "square"], ["circle"]) == {
+        "circle": {"2": {"acc": 1.0, "n": 1}}}
+    with pytest.raises(ValueError, match="equal lengths"):
+        zeroshot_breakdown(images, clf, labels, attrs[:2], "colour", ["circle", "square"])
+
+
+def test_attribute_mask_and_its_spec():
+    from cliperase.engine.config import parse_attributes
+    from cliperase.engine.evaluate import attribute_mask
+
+    attrs = [{"colour": "red", "background": "white"}, {"colour": "blue", "background": "white"}, {"colour": "red"}]
+    assert attribute_mask(attrs, "colour=red").tolist() == [True, False, True]
+    assert attribute_mask(attrs, "colour=red|blue; background=white").tolist() == [True, True, False]
+    assert attribute_mask(attrs, "").tolist() == [True, True, True]
+    assert parse_attributes("colour=red|blue;background=white") == {"colour": ("red", "blue"), "background": ("white",)}
+    for bad in ("colour", "=red", "colour=", "colour=red;colour=blue"):
+        with pytest.raises(ValueError):
+            parse_attributes(bad)
+
+
+def test_evaluate_splits_a_subgroup_and_breaks_down_by_attribute(tiny_data, tiny_checkpoint):
+    from cliperase.engine.data import load_eval_set
+    from cliperase.engine.evaluate import attribute_mask, evaluate, load_attributes
+    from cliperase.engine.models import load_model
+
+    lm = load_model("tiny-clip", str(tiny_checkpoint))
+    ev = load_eval_set(str(tiny_data / "eval"), lm.preprocess)
+    attrs = load_attributes(str(tiny_data / "eval"))
+    # One per image, in load_eval_set's order: each image's json names the shape of its label.
+    assert [ev.classnames.index(a["shape"]) for a in attrs] == ev.labels.tolist()
+    plain = evaluate(lm.model, lm.tokenizer, ev, ["circle"])
+    sub = evaluate(lm.model, lm.tokenizer, ev, ["circle"], attributes=attrs, forget_where="colour=red", breakdown="colour")
+    by = sub["zeroshot_by"]["colour"]["circle"]
+    assert set(by) == {"red", "blue", "green", "yellow", "purple", "orange"}
+    assert sum(v["n"] for v in by.values()) == int((ev.labels == ev.classnames.index("circle")).sum())
+    assert sub["zeroshot"]["forget_acc"] == pytest.approx(by["red"]["acc"])
+    n_red = int(attribute_mask(attrs, "colour=red")[ev.labels == 0].sum())
+    n_circle, n_all = int((ev.labels == 0).sum()), len(ev.labels)
+    # The other circles move to the retain part: its accuracy is the count-weighted mix.
+    expect = (plain["zeroshot"]["retain_acc"] * (n_all - n_circle)
+              + sum(v["acc"] * v["n"] for k, v in by.items() if k != "red")) / (n_all - n_red)
+    assert sub["zeroshot"]["retain_acc"] == pytest.approx(expect, abs=1e-6)
+    with pytest.raises(ValueError, match="attributes"):
+        evaluate(lm.model, lm.tokenizer, ev, ["circle"], forget_where="colour=red")

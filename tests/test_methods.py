@@ -34,7 +34,8 @@ def feats():
     tt = F.normalize(torch.tensor([[2.0, 1.1], [1.0, -1.9]]), dim=1)
     return Features(forget_img=fi, forget_txt=ft, retain_img=ri, retain_txt=rt, teacher_img=ti, teacher_txt=tt,
                     teacher_forget_img=F.normalize(fi, dim=1), teacher_forget_txt=F.normalize(ft, dim=1),
-                    logit_scale=2.0, teacher_logit_scale=2.0)
+                    logit_scale=2.0, teacher_logit_scale=2.0,
+                    method_state={"prompts": torch.tensor([[1.0, 0.0]])})  # subgroup: one class prompt
 
 
 def test_ft_ga_graddiff_neggrad(feats):
@@ -81,3 +82,105 @@ def test_every_method_gives_gradients_to_the_student(feats):
         method.objective(f, UnlearnConfig())["loss"].backward()
         used = [t for t in (f.forget_img, f.retain_img) if t.grad is not None]
         assert used and all(torch.isfinite(t.grad).all() for t in used), name
+
+
+def _kl_by_hand(img, txt, img0, txt0, s):
+    """Row-mean KL(softmax(S0) || softmax(S)) over image rows plus the same over text rows, 2 x 2."""
+    a, b = F.normalize(img, dim=1), F.normalize(txt, dim=1)
+    total = 0.0
+    for x, y, x0, y0 in ((a, b, img0, txt0), (b, a, txt0, img0)):
+        for i in range(2):
+            logits = [s * float(x[i] @ y[j]) for j in range(2)]
+            logits0 = [s * float(x0[i] @ y0[j]) for j in range(2)]
+            p = [math.exp(v) / sum(math.exp(w) for w in logits) for v in logits]
+            p0 = [math.exp(v) / sum(math.exp(w) for w in logits0) for v in logits0]
+            total += sum(p0[j] * math.log(p0[j] / p[j]) for j in range(2))
+    return total / 2
+
+
+def _at(feats, step, **state):
+    return Features(**{**vars(feats), "step": step, "method_state": {**feats.method_state, **state}})
+
+
+def test_subgroup_forget_stage_is_the_cosine_to_the_class_prompt(feats):
+    cfg = UnlearnConfig(steps=4, lambda_r=1.0, lambda_c=2.0)  # forget stage: steps 0-1, remind: 2-3
+    out = METHODS["subgroup"].objective(_at(feats, 0), cfg)
+    # Forget images (1, 0) and (0.6, 0.8) against the prompt (1, 0): cosines 1.0 and 0.6.
+    assert out["loss"].item() == pytest.approx(0.8, rel=1e-6)
+    assert out["forget_prompt_sim"].item() == pytest.approx(0.8, rel=1e-6)
+    # Two classes: each image takes the prompt its original-model embedding is nearest to, here
+    # (1, 0) for the first image and (0, 1) for the second (0.8 > 0.6): cosines 1.0 and 0.8.
+    two = _at(feats, 1, prompts=torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert METHODS["subgroup"].objective(two, cfg)["loss"].item() == pytest.approx(0.9, rel=1e-6)
+    hinge = METHODS["subgroup"].objective(_at(feats, 0), UnlearnConfig(steps=4, forget_mode="hinge", forget_margin=0.7))
+    assert hinge["loss"].item() == pytest.approx((0.3 + 0.0) / 2, rel=1e-6)
+
+
+def test_subgroup_remind_stage_is_retain_infonce_plus_kl(feats):
+    cfg = UnlearnConfig(steps=4, lambda_r=0.5, lambda_c=2.0)
+    out = METHODS["subgroup"].objective(_at(feats, 2), cfg)
+    infonce = _infonce_by_hand(feats.retain_img, feats.retain_txt, 2.0)
+    kl = _kl_by_hand(feats.retain_img, feats.retain_txt, feats.teacher_img, feats.teacher_txt, 2.0)
+    assert out["retain_infonce"].item() == pytest.approx(infonce, rel=1e-5)
+    assert out["consistency_kl"].item() == pytest.approx(kl, rel=1e-4)
+    assert out["loss"].item() == pytest.approx(0.5 * infonce + 2.0 * kl, rel=1e-5)
+    assert out["forget_prompt_sim"].item() == pytest.approx(0.8, rel=1e-6), "logged in both stages"
+    # subgroup_forget_steps moves the switch.
+    early = METHODS["subgroup"].objective(_at(feats, 1), UnlearnConfig(steps=4, subgroup_forget_steps=1))
+    assert early["loss"].item() == pytest.approx(infonce + 3.0 * kl, rel=1e-5)
+
+
+def _grads(feats, step, cfg):
+    f = Features(**{k: (v.clone().requires_grad_() if isinstance(v, torch.Tensor) and k.split("_")[0] in ("forget", "retain")
+                        else v) for k, v in vars(_at(feats, step)).items()})
+    METHODS["subgroup"].objective(f, cfg)["loss"].backward()
+    return f.forget_img.grad, f.retain_img.grad
+
+
+def test_subgroup_only_the_active_stage_carries_gradient(feats):
+    cfg = UnlearnConfig(steps=4)
+    fg, rg = _grads(feats, 0, cfg)
+    assert fg.abs().sum() > 0 and rg is None
+    fg, rg = _grads(feats, 3, cfg)
+    assert fg is None and rg.abs().sum() > 0
+    # One training stage takes every step; with none (restore only) the steps are no-ops.
+    assert _grads(feats, 3, UnlearnConfig(steps=4, subgroup_stages="forget,restore"))[1] is None
+    assert _grads(feats, 0, UnlearnConfig(steps=4, subgroup_stages="remind"))[0] is None
+    fg, rg = _grads(feats, 0, UnlearnConfig(steps=4, subgroup_stages="restore"))
+    assert fg.abs().sum() == 0 and rg.abs().sum() == 0
+
+
+def test_config_refuses_zero3_for_full_parameter_methods():
+    from cliperase.engine.config import FULL_PARAM_METHODS
+
+    assert FULL_PARAM_METHODS == tuple(n for n, m in METHODS.items() if m.needs_full_params)
+    problems = UnlearnConfig(method="subgroup", zero_stage=3).problems()
+    assert any(p.startswith("zero_stage: method 'subgroup' reads whole parameters") for p in problems)
+    assert not any(p.startswith("zero_stage") for p in UnlearnConfig(method="subgroup", zero_stage=2).problems())
+    assert not any(p.startswith("zero_stage") for p in UnlearnConfig(method="cliperase", zero_stage=3).problems())
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"subgroup_stages": "forget,bogus"}, "subgroup_stages: expected"),
+    ({"subgroup_stages": ""}, "subgroup_stages: expected"),
+    ({"subgroup_stages": "forget,forget"}, "subgroup_stages: expected"),
+    ({"subgroup_forget_steps": 100}, "subgroup_forget_steps: 100 leaves no remind steps"),
+    ({"subgroup_forget_steps": 5, "subgroup_stages": "forget,restore"}, "subgroup_forget_steps: splits steps"),
+    ({"subgroup_layers": 0}, "subgroup_layers: expected a positive integer"),
+    ({"subgroup_tower": "text"}, "subgroup_tower: expected"),
+    ({"subgroup_ema_decay": 1.0}, "subgroup_ema_decay: expected"),
+    ({"soup_tolerance": -0.1}, "soup_tolerance: expected"),
+    ({"calibration_data": "/nonexistent/cal"}, "calibration_data: '/nonexistent/cal' is not a directory"),
+    ({"forget_attributes": "colour"}, "forget_attributes: expected KEY=VALUE"),
+    ({"method": "subgroup", "subgroup_stages": "restore", "weight_decay": 0.1}, "weight_decay: with subgroup_stages"),
+])
+def test_subgroup_config_problems(fields, message):
+    assert any(p.startswith(message) for p in UnlearnConfig(**fields).problems()), UnlearnConfig(**fields).problems()
+
+
+def test_subgroup_plan():
+    assert UnlearnConfig(steps=9).subgroup_plan() == (("forget", "remind", "restore"), 4, 5)
+    assert UnlearnConfig(steps=9, subgroup_forget_steps=2).subgroup_plan()[1:] == (2, 7)
+    assert UnlearnConfig(steps=9, subgroup_stages="restore,forget").subgroup_plan() == (("forget", "restore"), 9, 0)
+    assert UnlearnConfig(steps=9, subgroup_stages="remind").subgroup_plan() == (("remind",), 0, 9)
+    assert UnlearnConfig(steps=9, subgroup_stages="restore").subgroup_plan() == (("restore",), 0, 0)

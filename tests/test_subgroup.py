@@ -108,3 +108,189 @@ def test_search_soup_picks_strongest_forgetting_within_tolerance():
     a, info = search_soup(o, u, _fake_eval(lambda a: 0.0 if a < 0.65 else 0.05), tolerance=0.02)
     assert a == pytest.approx(0.6)
     assert info["tried"][0.6][0] == pytest.approx(0.4)
+
+
+def test_fisher_reduce_sees_the_sums_before_the_ratio():
+    g = torch.Generator().manual_seed(2)
+    forget = [torch.randn(5, 4, generator=g)]
+    retain = [torch.randn(5, 4, generator=g)]
+    model = TwoPaths()
+    plain = fisher_scores(model, _objective, forget, retain)
+    seen = []
+
+    def reduce(sums):  # what an all-reduce over 2 ranks holding the same data would give
+        seen.append(sums.shape)
+        return sums * 2
+    assert fisher_scores(model, _objective, forget, retain, reduce=reduce) == pytest.approx(plain, rel=1e-9)
+    assert seen == [torch.Size([2, 2])]
+    halve_retain = fisher_scores(model, _objective, forget, retain, reduce=lambda s: s * torch.tensor([[1.0], [0.5]], dtype=s.dtype))
+    assert halve_retain == pytest.approx({k: 2 * v for k, v in plain.items()}, rel=1e-6)
+
+
+def test_ema_of_named_entries_in_fp32_and_resumed_from_state():
+    model = nn.Linear(2, 1).to(torch.bfloat16)
+    ema = Ema(model, decay=0.5, names=["weight"])
+    assert set(ema.state) == {"weight"} and ema.state["weight"].dtype == torch.float32
+    start = ema.state["weight"].clone()
+    again = Ema.from_state(ema.state, 0.5)  # e.g. from a checkpoint's method state
+    model.weight.data.fill_(2.0)
+    again.update(model)
+    assert torch.allclose(again.state["weight"], 0.5 * start + 0.5 * 2.0)
+    assert again.state is ema.state, "updates the state it was given, in place"
+    with pytest.raises(ValueError, match="decay"):
+        Ema.from_state(ema.state, 1.0)
+
+
+def test_soup_is_exact_at_the_ends_and_where_the_models_agree():
+    g = torch.Generator().manual_seed(3)
+    o = {"a": torch.randn(100, generator=g), "frozen": torch.randn(100, generator=g)}
+    u = {"a": torch.randn(100, generator=g), "frozen": o["frozen"].clone()}
+    assert torch.equal(soup(o, u, 0.0)["a"], o["a"]) and torch.equal(soup(o, u, 1.0)["a"], u["a"])
+    for a in (0.1, 0.3, 0.7):
+        assert torch.equal(soup(o, u, a)["frozen"], o["frozen"])
+
+
+def test_eligible_layers_by_tower():
+    from cliperase.engine.subgroup import eligible_layers
+
+    model = load_model("tiny-clip").model
+    model.logit_scale.requires_grad_(True)
+    groups = layer_groups(model)
+    image = eligible_layers(groups, model, "image")
+    both = eligible_layers(groups, model, "all")
+    assert image and all(g.startswith("visual.") for g in image)
+    assert set(image) < set(both) and "transformer.resblocks.0" in both
+    assert "logit_scale" not in both
+    model.visual.conv1.weight.requires_grad_(False)
+    assert "visual.conv1" not in eligible_layers(groups, model, "image")
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole runs of --method subgroup through launch/unlearn.py main() (tiny-clip, real shards).
+
+import json  # noqa: E402
+
+from helpers import run_args, tiny_checkpoint, tiny_data  # noqa: E402,F401
+
+
+def _run(tiny_data, tiny_checkpoint, out, steps, *sets):
+    from launch import unlearn as cli
+
+    args = run_args(tiny_data, out, pretrained=tiny_checkpoint, method="subgroup", steps=steps)
+    for item in ("subgroup_layers=1", "subgroup_fisher_batches=2") + sets:
+        args += ["--set", item]
+    assert cli.main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    model = load_model("tiny-clip", str(out / "model.pt")).model.state_dict()
+    original = load_model("tiny-clip", str(tiny_checkpoint)).model.state_dict()
+    changed = {k for k, v in model.items() if not torch.equal(v, original[k])}
+    return report["method_details"], changed
+
+
+def _layer_params(layers):
+    groups = layer_groups(load_model("tiny-clip").model)
+    return {n for layer in layers for n in groups[layer]}
+
+
+def test_subgroup_run_trains_only_the_chosen_layers_and_reports_them(tiny_data, tiny_checkpoint, tmp_path):
+    # soup_tolerance 1: every a > 0 qualifies, so the soup keeps some of the training.
+    details, changed = _run(tiny_data, tiny_checkpoint, tmp_path / "run", 4, "subgroup_forget_steps=2",
+                            "soup_tolerance=1.0")
+    assert details["stages"] == ["forget", "remind", "restore"]
+    assert (details["forget_steps"], details["remind_steps"]) == (2, 2)
+    assert len(details["layers"]) == 1 and details["layers"][0].startswith("visual.")
+    assert details["fisher_top"][0]["layer"] == details["layers"][0]
+    assert details["trainable_params"] > 0 and details["ema_decay"] == 0.9
+    soup_ = details["soup"]
+    assert 0.0 < soup_["a"] <= 1.0 and len(soup_["tried"]) == 10
+    assert soup_["calibration_data"].endswith("eval") and soup_["calibration_is_eval_data"]
+    selected = _layer_params(details["layers"])
+    assert changed and changed <= selected, f"frozen layers changed: {sorted(changed - selected)}"
+
+
+@pytest.mark.parametrize("stages, steps", [("forget", 2), ("restore", 1), ("remind,restore", 2)])
+def test_subgroup_stages_run_alone(stages, steps, tiny_data, tiny_checkpoint, tmp_path):
+    details, changed = _run(tiny_data, tiny_checkpoint, tmp_path / "run", steps, f'subgroup_stages="{stages}"',
+                            "soup_tolerance=1.0")
+    assert details["stages"] == stages.split(",")
+    assert ("soup" in details) == ("restore" in stages)
+    assert ("layers" in details) == (stages != "restore")
+    assert ("ema_decay" in details) == ("remind" in stages)
+    if stages == "restore":
+        # No training: every soup of the input with itself scores alike, the tie goes to a = 1,
+        # and the output is the input bit for bit.
+        assert details["soup"]["a"] == 1.0 and not changed
+    else:
+        assert changed and changed <= _layer_params(details["layers"])
+
+
+def test_setup_reuses_the_layers_in_its_state_on_resume(tiny_data):
+    """On resume the engine restores ctx.state before setup: the layers chosen then are frozen
+    again as they were, without reading data for new Fisher scores."""
+    import copy
+    from types import SimpleNamespace
+
+    from cliperase.engine import subgroup
+    from cliperase.engine.config import UnlearnConfig
+
+    lm = load_model("tiny-clip")
+    lm.model.logit_scale.requires_grad_(False)
+
+    def no_data(which):
+        raise AssertionError(f"setup read {which} batches although the state has its layers")
+
+    state = {"layers": ["visual.layer2.0"], "fisher": {"visual.layer2.0": 3.0}, "prompts": torch.zeros(1, 8)}
+    ctx = SimpleNamespace(cfg=UnlearnConfig(method="subgroup", eval_data=str(tiny_data / "eval"), forget_classes=("circle",)),
+                          student=lm.model, teacher=copy.deepcopy(lm.model), tokenizer=lm.tokenizer,
+                          device=torch.device("cpu"), batches=no_data, state=state)
+    subgroup.setup(ctx)
+    trainable = {n for n, p in lm.model.named_parameters() if p.requires_grad}
+    assert trainable == set(layer_groups(lm.model)["visual.layer2.0"])
+    assert state["prompts"].shape == (1, 8), "kept, not recomputed"
+
+
+def test_demo_task_splits_the_training_pairs_by_attribute(tiny_data, tmp_path):
+    """The red-circle task's forget set is exactly the red circles of the same training pairs."""
+    import tarfile
+
+    from cliperase.engine.demo import DEMO_TASKS
+    from cliperase.engine.synthetic import split_pairs
+
+    task = DEMO_TASKS["red-circle"]
+    assert task.forget_attributes == "colour=red" and task.generate_kwargs() == {"shapes": ("circle",), "colours": ("red",)}
+    counts = split_pairs(tiny_data / "train", tmp_path / "split", forget=task.forgets)
+
+    def members(folder):
+        out = {}
+        for shard in sorted(folder.glob("*.tar")):
+            with tarfile.open(shard) as tar:
+                out.update({m.name: tar.extractfile(m).read() for m in tar if m.isfile()})
+        return out
+    source, forget, retain = members(tiny_data / "train"), members(tmp_path / "split" / "forget"), members(tmp_path / "split" / "retain")
+    metas = [json.loads(v) for k, v in forget.items() if k.endswith(".json")]
+    assert counts["forget"] == len(metas) > 0 and all(m["shape"] == "circle" and m["colour"] == "red" for m in metas)
+    assert not any(json.loads(v)["shape"] == "circle" and json.loads(v)["colour"] == "red"
+                   for k, v in retain.items() if k.endswith(".json"))
+    assert {**forget, **retain} == source, "every member copied byte for byte, none lost"
+
+
+def test_subgroup_resumed_mid_run_ends_at_the_uninterrupted_weights(tiny_data, tiny_checkpoint, tmp_path):
+    """The method state (layers, prompts, the EMA begun at the stage switch) goes through a
+    checkpoint: continuing from step 2 of 4 gives the uninterrupted run's model."""
+    from cliperase.engine import UnlearnConfig, unlearn
+    from cliperase.engine.checkpoint import CHECKPOINTS
+
+    out = tmp_path / "run"
+    cfg = UnlearnConfig(model="tiny-clip", pretrained=str(tiny_checkpoint), forget_data=str(tiny_data / "forget"),
+                        retain_data=str(tiny_data / "retain"), eval_data=str(tiny_data / "eval"),
+                        forget_classes=("circle",), method="subgroup", steps=4, batch_size=8, lr=1e-4,
+                        subgroup_forget_steps=2, subgroup_layers=2, subgroup_fisher_batches=2, subgroup_ema_decay=0.5,
+                        soup_tolerance=1.0, save_every=2, output_dir=str(out))
+    first = unlearn(cfg, progress=False)
+    whole = load_model("tiny-clip", str(out / "model.pt")).model.state_dict()
+    again = unlearn(UnlearnConfig(**{**cfg.to_dict(), "forget_classes": cfg.forget_classes,
+                                     "resume": str(out / CHECKPOINTS / "step_00000002")}), progress=False)
+    resumed = load_model("tiny-clip", str(out / "model.pt")).model.state_dict()
+    assert again["resumed_from"] and again["method_details"]["layers"] == first["method_details"]["layers"]
+    assert again["method_details"]["soup"]["a"] == first["method_details"]["soup"]["a"]
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)

@@ -1,0 +1,123 @@
+"""Training streams: ranks x workers partition the samples, resume continues where it stopped."""
+from __future__ import annotations
+
+import io
+import itertools
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from cliperase.engine.data import SKIP_KINDS, PairStream, loader
+from cliperase.engine.errors import ConfigError
+
+
+def _png(value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((4, 4, 3), value % 256, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write(root: Path, n: int, per_shard: int, bad: dict = ()) -> list:
+    """Shards whose captions are the sample numbers; `bad` maps a number to a defect."""
+    root.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(root / "%03d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for i in range(n):
+            sample = {"__key__": f"s{i:05d}", "png": _png(i), "txt": str(i)}
+            defect = dict(bad).get(i)
+            if defect == "corrupt_image":
+                sample["png"] = b"not an image"
+            elif defect == "missing_caption":
+                del sample["txt"]
+            elif defect == "corrupt_caption":
+                sample["txt"] = b"\xff\xfe"
+            sink.write(sample)
+    return sorted(str(p) for p in root.glob("*.tar"))
+
+
+def _numbers(texts) -> list:
+    return [int(t) for t in texts]
+
+
+def _stream(shards, batch, **kw):
+    to_tensor = lambda im: torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())  # noqa: E731
+    return PairStream(shards, to_tensor, list, batch, shuffle_buffer=7, **kw)
+
+
+def _take(shards, batch, n_batches, *, workers=0, **kw):
+    batches = loader(_stream(shards, batch, **kw), workers)
+    got = [_numbers(texts) for _, texts in itertools.islice(batches, n_batches)]
+    return got, batches
+
+
+@pytest.mark.parametrize("world,workers", [(1, 2), (2, 1), (3, 2)], ids=lambda v: str(v))
+def test_ranks_and_workers_partition_an_epoch(tmp_path, world, workers):
+    n, batch = 60, 5  # 60 = 1 epoch = 12 global batches of 5, divisible by every readers count here
+    shards = _write(tmp_path / "d", n, 17)
+    per_reader = n // (world * workers) // batch  # batches of one epoch per reader
+    seen = []
+    for rank in range(world):
+        got, _ = _take(shards, batch, per_reader * workers, workers=workers, rank=rank, world=world, seed=4)
+        seen += [x for b in got for x in b]
+    assert Counter(seen) == Counter(range(n)), "every sample exactly once per epoch"
+
+
+def test_one_process_sees_the_global_batch_of_the_ranks(tmp_path):
+    shards = _write(tmp_path / "d", 45, 9)
+    whole, _ = _take(shards, 6, 7, seed=1)
+    parts = [_take(shards, 3, 7, seed=1, rank=r, world=2)[0] for r in range(2)]
+    for step in range(7):
+        assert sorted(parts[0][step] + parts[1][step]) == sorted(whole[step])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_the_sequence(tmp_path, workers):
+    shards = _write(tmp_path / "d", 23, 5, bad={3: "corrupt_image", 11: "missing_caption"})
+    reference, _ = _take(shards, 4, 17, workers=workers, seed=2)
+    for cut in (1, 5, 6, 11):
+        first, batches = _take(shards, 4, cut, workers=workers, seed=2)
+        state = batches.state()
+        rest, _ = _take(shards, 4, 17 - cut, workers=workers, seed=2, start=state)
+        assert first + rest == reference, f"cut after {cut} batches"
+
+
+def test_resume_with_other_worker_count_is_refused(tmp_path):
+    shards = _write(tmp_path / "d", 10, 5)
+    _, batches = _take(shards, 2, 3, workers=0)
+    with pytest.raises(ConfigError, match="1 data workers per rank, now 2"):
+        _take(shards, 2, 1, workers=2, start=batches.state())
+
+
+def test_bad_samples_skipped_and_counted_once(tmp_path):
+    bad = {2: "corrupt_image", 7: "corrupt_image", 9: "missing_caption", 13: "corrupt_caption"}
+    shards = _write(tmp_path / "d", 20, 6, bad=bad)
+    got, batches = _take(shards, 4, 12, workers=2, world=1, seed=0)  # 48 samples: three epochs of 16 good
+    flat = [x for b in got for x in b]
+    assert not set(flat) & set(bad)
+    assert Counter(flat) == Counter({i: 3 for i in range(20) if i not in bad})
+    counts = batches.skipped()
+    assert set(counts) == set(SKIP_KINDS)
+    assert counts == {**{k: 0 for k in SKIP_KINDS}, "corrupt_image": 2, "missing_caption": 1, "corrupt_caption": 1}
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_empty_stream_is_a_clear_error(tmp_path, workers):
+    shards = _write(tmp_path / "d", 3, 5, bad={0: "corrupt_image", 1: "corrupt_image", 2: "missing_caption"})
+    with pytest.raises(ConfigError) as info:
+        next(loader(_stream(shards, 2, what="forget_data"), workers))
+    assert str(info.value).startswith("forget_data: no usable samples")  # not a worker's traceback
+
+
+def test_shard_vanishing_mid_run_is_skipped_and_counted_once(tmp_path):
+    shards = _write(tmp_path / "d", 20, 5)  # 4 shards: samples 0-4, 5-9, ...
+    batches = loader(_stream(shards, 4, seed=3), 0)
+    first = [x for _ in range(5) for x in _numbers(next(batches)[1])]  # one epoch
+    assert sorted(first) == list(range(20))
+    Path(shards[1]).unlink()  # samples 5-9 gone from the next epoch on
+    later = [x for _ in range(15) for x in _numbers(next(batches)[1])]  # four more epochs of 15
+    assert Counter(later) == Counter({i: 4 for i in range(20) if not 5 <= i <= 9})
+    assert batches.skipped()["unreadable_shard"] == 1
