@@ -373,6 +373,11 @@ def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1)
     # Files appear only once the model and data have loaded: a refused input leaves no run behind.
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        if resume_from is None:
+            # A fresh start (or --overwrite): another run's checkpoints and curves would be taken
+            # for this one's. The teacher cache stays: it is keyed by what it was computed from.
+            for stale in (ckpt_root, out / "tensorboard"):
+                shutil.rmtree(stale, ignore_errors=True)
         # The log holds exactly the steps the weights have seen: rows past the checkpoint (work a
         # crash lost) go.
         atomic_write_bytes("".join(json.dumps(r) + "\n" for r in rows).encode(), out / "log.jsonl")
@@ -390,7 +395,7 @@ def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1)
     def batches(spec: str, what: str, seed: int, start: Optional[dict] = None, workers: int = data_workers):
         stream = PairStream(resolve_shards(spec, what), loaded.preprocess, loaded.tokenizer, cfg.batch_size,
                             seed=seed, what=what, rank=rank, world=world, start=start)
-        return loader(stream, workers, pin_memory=device.type == "cuda")
+        return loader(stream, workers, pin_memory=device.type == "cuda", device=device)
 
     specs = {"forget": (cfg.forget_data, "forget_data", cfg.seed), "retain": (cfg.retain_data, "retain_data",
                                                                                 cfg.seed + 1_000_003)}
@@ -405,6 +410,7 @@ def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1)
     # The teacher's embeddings of the training samples, once, instead of a second model forward
     # every step; afterwards the teacher leaves the accelerator (hooks may still read it, on the CPU).
     caches = {}
+    t_cache = time.perf_counter()
     if teacher is not None and cfg.teacher == "cache":
         wanted = ["retain"] + (["forget"] if method.teacher_on_forget else [])
         for name in wanted:
@@ -416,6 +422,7 @@ def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1)
         teacher = ctx.teacher = teacher.to("cpu") if any(h is not None for h in hooks) else None
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    cache_s = time.perf_counter() - t_cache
 
     encode_teacher = lambda x, t: (teacher.encode_image(x), teacher.encode_text(t))  # noqa: E731
     if use_ds:
@@ -613,6 +620,9 @@ def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1)
         "final_losses": {k: v for k, v in rows[-1].items() if k not in ("step", "lr", "steps_per_s", "elapsed_s")},
         "checkpoint": str(out / "model.pt"),
         "method_details": ctx.report,
+        # The original model's embeddings: "cache" (built or reused in cache_s seconds) or "live".
+        "teacher": {"mode": cfg.teacher if method.uses_teacher else None, "cached": sorted(caches),
+                    "cache_s": cache_s},
         # Samples skipped as bad data, by kind (data.SKIP_KINDS), over all ranks.
         "data": {"skipped": skipped},
         # GPU utilisation, memory, power, clocks (NVML) and the share of step time spent waiting

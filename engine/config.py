@@ -238,6 +238,10 @@ class UnlearnConfig:
                          f"with subgroup_stages={self.subgroup_stages!r} one stage takes all steps (leave it null)")
             elif isinstance(self.steps, int) and fs >= self.steps:
                 p.append(f"subgroup_forget_steps: {fs} leaves no remind steps of steps={self.steps}")
+        elif (self.method == "subgroup" and {"forget", "remind"} <= set(given) and isinstance(self.steps, int)
+              and self.steps == 1):
+            p.append("steps: the forget and remind stages need at least 2 steps (one each); "
+                     "or skip one with subgroup_stages")
         if (self.method == "subgroup" and not {"forget", "remind"} & set(given) and _finite(self.weight_decay)
                 and self.weight_decay > 0):
             p.append("weight_decay: with subgroup_stages='restore' the training steps are no-ops, "

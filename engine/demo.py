@@ -58,8 +58,9 @@ def prepare_demo(cache: Optional[Path] = None, *, say: Callable[[str], None] = p
     """Generate the data and pretrain the teacher once; later calls reuse both.
 
     Returns {"data": root, "pretrained": checkpoint path, "forget": shards, "retain": shards,
-    "calibration": a held-out CLIP_benchmark-layout split for choices made on data (soup weight)}.
-    A `task` other than "circle" splits the same training pairs by its own rule (DEMO_TASKS).
+    "calibration": a held-out CLIP_benchmark-layout split for choices made on data (the subgroup
+    method's soup weight), or None}. A `task` other than "circle" splits the same training pairs by
+    its own rule (DEMO_TASKS) and has a calibration split; "circle" (the demo) keeps its data as it was.
     """
     if task not in DEMO_TASKS:
         from .errors import ConfigError
@@ -80,8 +81,8 @@ def prepare_demo(cache: Optional[Path] = None, *, say: Callable[[str], None] = p
         if not (split / "manifest.json").is_file():
             say(f"splitting the training pairs for task {task!r} into {split}")
             split_pairs(data / "train", split, forget=DEMO_TASKS[task].forgets)
-    calibration = cache / "calibration"
-    if not calibration.is_dir():
+    calibration = cache / "calibration" if task != "circle" else None
+    if calibration is not None and not calibration.is_dir():
         import shutil
 
         tmp = calibration.with_name("calibration.partial")  # renamed into place when complete
@@ -106,7 +107,7 @@ def demo_config(cache: Optional[Path] = None, output_dir: str = "runs/demo", tas
         eval_data=str(data / "eval"),
         forget_classes=DEMO_TASKS[task].classes,
         forget_attributes=DEMO_TASKS[task].forget_attributes,
-        calibration_data=str(paths["calibration"]),
+        calibration_data=str(paths["calibration"]) if paths["calibration"] else None,
         method="cliperase",
         steps=60,
         batch_size=64,

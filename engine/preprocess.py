@@ -59,7 +59,12 @@ ImageInput = Union[bytes, bytearray, memoryview, Image.Image]
 
 
 # ---------------------------------------------------------------------------------------------
-# The geometric steps, each the PIL path of its torchvision / open_clip transform.
+# The geometric steps, each the PIL path of its torchvision / open_clip transform. A step turns
+# an input size into PIL operations (`_Op`s) and an output size; FastPreprocess chains them into
+# a plan per input size, cached, so an image costs a dict lookup and its PIL calls.
+
+_Op = Tuple[Any, ...]  # ("resize", (w, h), filter) | ("pad", (w, h), (left, top), fill) | ("crop", box)
+
 
 @dataclass(frozen=True)
 class _Resize:
@@ -83,19 +88,17 @@ class _Resize:
     def fixed_size(self) -> Optional[Tuple[int, int]]:
         return (self.size[1], self.size[0]) if len(self.size) == 2 else None
 
-    def __call__(self, im: Image.Image) -> Image.Image:
-        size = self.out_size(*im.size)
-        return im if size == im.size else im.resize(size, self.resample)
+    def ops(self, w: int, h: int) -> Tuple[List[_Op], Tuple[int, int]]:
+        size = self.out_size(w, h)  # torchvision returns the image itself when the size is unchanged
+        return ([] if size == (w, h) else [("resize", size, self.resample)]), size
 
 
 @dataclass(frozen=True)
-class _ResizeKeepRatio:
+class _ResizeKeepRatio(_Resize):
     """open_clip `ResizeKeepRatio` without its random scale/aspect (eval): `size` (h, w),
     `longest` in [0, 1] mixes the two edge ratios (0: shorter edge fits, 1: longer edge)."""
 
-    size: Tuple[int, int]
-    longest: float
-    resample: int
+    longest: float = 0.0
 
     def out_size(self, w: int, h: int) -> Tuple[int, int]:
         target_h, target_w = self.size
@@ -105,10 +108,6 @@ class _ResizeKeepRatio:
 
     def fixed_size(self) -> Optional[Tuple[int, int]]:
         return None
-
-    def __call__(self, im: Image.Image) -> Image.Image:
-        size = self.out_size(*im.size)
-        return im if size == im.size else im.resize(size, self.resample)
 
 
 @dataclass(frozen=True)
@@ -122,23 +121,22 @@ class _CenterCrop:
     def fixed_size(self) -> Optional[Tuple[int, int]]:
         return self.size[1], self.size[0]
 
-    def __call__(self, im: Image.Image) -> Image.Image:
+    def ops(self, w: int, h: int) -> Tuple[List[_Op], Tuple[int, int]]:
         crop_h, crop_w = self.size
-        w, h = im.size
+        ops: List[_Op] = []
         if crop_w > w or crop_h > h:  # torchvision's padding, as ImageOps.expand does it
             left = (crop_w - w) // 2 if crop_w > w else 0
             top = (crop_h - h) // 2 if crop_h > h else 0
             right = (crop_w - w + 1) // 2 if crop_w > w else 0
             bottom = (crop_h - h + 1) // 2 if crop_h > h else 0
-            padded = Image.new(im.mode, (w + left + right, h + top + bottom), (self.fill,) * len(im.getbands()))
-            padded.paste(im, (left, top))
-            im, (w, h) = padded, padded.size
+            w, h = w + left + right, h + top + bottom
+            ops.append(("pad", (w, h), (left, top), self.fill))
             if (w, h) == (crop_w, crop_h):
-                return im
+                return ops, (w, h)
         top, left = int(round((h - crop_h) / 2.0)), int(round((w - crop_w) / 2.0))
-        if (left, top, crop_w, crop_h) == (0, 0, w, h):
-            return im
-        return im.crop((left, top, left + crop_w, top + crop_h))
+        if (left, top, crop_w, crop_h) != (0, 0, w, h):
+            ops.append(("crop", (left, top, left + crop_w, top + crop_h)))
+        return ops, (crop_w, crop_h)
 
 
 _Step = Union[_Resize, _ResizeKeepRatio, _CenterCrop]
@@ -196,8 +194,8 @@ def _parse(transform: Any) -> Tuple[List[_Step], Tuple[float, ...], Tuple[float,
                 if t.random_scale_prob > 0 or t.random_aspect_prob > 0:
                     raise ValueError(f"preprocess: {where} has random scale/aspect (a training augmentation); "
                                      "FastPreprocess reproduces deterministic eval transforms only")
-                steps.append(_ResizeKeepRatio(tuple(int(s) for s in t.size), float(t.longest),
-                                              _pil_filter(t.interpolation, where)))
+                steps.append(_ResizeKeepRatio(tuple(int(s) for s in t.size), None, _pil_filter(t.interpolation, where),
+                                              float(t.longest)))
                 continue
             if isinstance(t, (T.CenterCrop, oct.CenterCropOrPad)):
                 fill = getattr(t, "fill", 0)
@@ -258,10 +256,11 @@ class FastPreprocess:
         self.draft, self.draft_gap = bool(draft), float(draft_gap)
         size = None
         for step in self.steps:
-            size = step.fixed_size() or (None if isinstance(step, (_Resize, _ResizeKeepRatio)) else size)
+            size = step.fixed_size() or (None if isinstance(step, _Resize) else size)
         self.image_size: Optional[Tuple[int, int]] = (size[1], size[0]) if size else None
         self._stats: Dict[torch.device, Tuple[Tensor, Tensor]] = {}
         self._batch_view: Optional[Tuple[Tensor, np.ndarray]] = None
+        self._plans: Dict[Tuple[int, int], Tuple[Optional[Tuple[int, int]], Tuple[_Op, ...]]] = {}
 
     @classmethod
     def from_open_clip(cls, preprocess: Any, *, draft: bool = True, draft_gap: float = 2.0) -> "FastPreprocess":
@@ -283,7 +282,7 @@ class FastPreprocess:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_stats"], state["_batch_view"] = {}, None
+        state["_stats"], state["_batch_view"], state["_plans"] = {}, None, {}
         return state
 
     # -- CPU half ------------------------------------------------------------------------------
@@ -358,35 +357,54 @@ class FastPreprocess:
         """uint8 (H, W, 3), or (H, W) for a grayscale image (the same pixels in each channel),
         read-only: decode (draft only for images opened here: it changes the image object),
         convert, resize, crop, then PIL's tobytes."""
-        drafted = self._draft(im) if draft else None
+        size = im.size
+        plan = self._plans.get(size)
+        if plan is None:
+            plan = self._plan(*size)
+        least, ops = plan
+        box = None
+        if draft and least is not None:
+            drafted = im.draft(None, least)  # JPEG only (None otherwise): libjpeg decodes at 1/s
+            if drafted is not None and im.size != size:
+                box = drafted[1]  # the full image in the reduced one's coordinates, for the resize
         # PairStream's order: convert first, then preprocess. A grayscale image is resized and
         # cropped as one channel and copied to the three at the end: the same pixels, a third
         # of the work.
-        if im.mode not in ("RGB", "L"):
+        if im.mode != "RGB" and im.mode != "L":
             im = im.convert("RGB")
-        steps = self.steps
-        if drafted is not None:
-            (target, box), steps = drafted, steps[1:]
-            im = im.resize(target, self.steps[0].resample, box=box)
-        for step in steps:
-            im = step(im)
-        return np.asarray(im)
+        for op in ops:
+            kind = op[0]
+            if kind == "resize":
+                im = im.resize(op[1], op[2], box=box) if box is not None else im.resize(op[1], op[2])
+                box = None
+            elif kind == "crop":
+                im = im.crop(op[1])
+            else:
+                padded = Image.new(im.mode, op[1], (op[3],) * len(im.getbands()))
+                padded.paste(im, op[2])
+                im = padded
+        w, h = im.size  # PIL packs its 4-byte pixels into RGB bytes; numpy views them, no copy
+        return np.frombuffer(im.tobytes(), np.uint8).reshape((h, w, 3) if im.mode == "RGB" else (h, w))
 
-    def _draft(self, im: Image.Image) -> Optional[Tuple[Tuple[int, int], Tuple[float, ...]]]:
-        """Ask libjpeg for a scaled decode (JPEG only; other formats ignore draft). Returns the
-        first resize's target (w, h) and the source box in the reduced image, or None."""
-        first = self.steps[0] if self.steps else None
-        if not isinstance(first, (_Resize, _ResizeKeepRatio)):
-            return None
-        w, h = im.size
-        target = first.out_size(w, h)
-        least = (max(1, int(target[0] * self.draft_gap)), max(1, int(target[1] * self.draft_gap)))
-        if w < 2 * least[0] or h < 2 * least[1]:
-            return None  # no DCT scale (1/2 at least) keeps it >= least: decode in full
-        result = im.draft(None, least)  # scale 1/s, s the largest of 8, 4, 2 with size / s >= least
-        if result is None or im.size == (w, h):
-            return None
-        return target, result[1]
+    def _plan(self, w: int, h: int) -> Tuple[Optional[Tuple[int, int]], Tuple[_Op, ...]]:
+        """The PIL operations for a w x h input, and the size to ask libjpeg's draft for (None
+        when no DCT scale fits: the first step is not a resize, or the image is under 2 x
+        `draft_gap` times its target)."""
+        ops: List[_Op] = []
+        size = (w, h)
+        for step in self.steps:
+            step_ops, size = step.ops(*size)
+            ops.extend(step_ops)
+        least = None
+        if self.steps and isinstance(self.steps[0], _Resize):
+            target = self.steps[0].out_size(w, h)
+            least = (max(1, int(target[0] * self.draft_gap)), max(1, int(target[1] * self.draft_gap)))
+            if w < 2 * least[0] or h < 2 * least[1]:
+                least = None  # no DCT scale (1/2 at least) keeps it >= least: decode in full
+        if len(self._plans) >= 4096:
+            self._plans.clear()
+        plan = self._plans[(w, h)] = (least, tuple(ops))
+        return plan
 
     # -- device half ---------------------------------------------------------------------------
 
@@ -442,7 +460,7 @@ class FastTokenizer:
         self.tokenizer = tokenizer
         self.context_length = getattr(tokenizer, "context_length", None)
         clean = getattr(tokenizer, "clean_fn", None)
-        self.fast = (isinstance(tokenizer, oct.SimpleTokenizer) and tokenizer.reduction_fn is None
+        self.fast = (type(tokenizer) is oct.SimpleTokenizer and tokenizer.reduction_fn is None
                      and clean in (oct._clean_lower, oct._clean_whitespace))
         self._lower = clean is oct._clean_lower
         self.max_cache = max_cache

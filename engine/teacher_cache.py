@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as D
 from .checkpoint import atomic_save, write_json
-from .data import ShardReader, _image_ext, _sample_problem, decode_image
+from .data import ShardReader, _image_ext, _sample_problem, decode_image, split_preprocess
 
 __all__ = ["TeacherCache", "teacher_fingerprint"]
 
@@ -84,7 +84,7 @@ class TeacherCache:
         """The cache of `shards` under `directory`, built first when missing (collective when
         distributed: each rank embeds shards `i % world == rank`, then all read all)."""
         described = {"format": FORMAT, "teacher": teacher_fingerprint(teacher), "shards": [_shard_stat(s) for s in shards],
-                     "preprocess": repr(preprocess), "tokenizer": f"{type(tokenizer).__name__}:"
+                     "preprocess": f"{preprocess!r} {split_preprocess(preprocess)!r}", "tokenizer": f"{type(tokenizer).__name__}:"
                      f"{getattr(tokenizer, 'context_length', None)}:{getattr(tokenizer, 'vocab_size', None)}"}
         key = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
         where = Path(directory) / f"{what}-{key}"
@@ -116,6 +116,7 @@ def _embed_shards(where: Path, shards: List[Tuple[int, str]], teacher: nn.Module
                   tokenizer: Callable, *, device: torch.device, batch_size: int, desc: str, progress: bool) -> None:
     was_training = teacher.training
     teacher.eval()
+    fast = split_preprocess(preprocess)  # the training streams' own pixels (data.PairStream)
     bar = tqdm(total=len(shards), desc=desc, unit="shard", disable=not progress, dynamic_ncols=True)
     for index, url in shards:
         reader = ShardReader([url], check_images="none", check_samples=False)
@@ -125,8 +126,9 @@ def _embed_shards(where: Path, shards: List[Tuple[int, str]], teacher: nn.Module
             n = max(n, sample["__ordinal__"] + 1)
             if _sample_problem(sample) is not None:
                 continue
+            raw = sample[_image_ext(sample)]
             try:
-                image = preprocess(decode_image(sample[_image_ext(sample)]))
+                image = fast.cpu(raw) if fast is not None else preprocess(decode_image(raw))
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
                 continue
             ordinals.append(sample["__ordinal__"])
@@ -135,6 +137,7 @@ def _embed_shards(where: Path, shards: List[Tuple[int, str]], teacher: nn.Module
         img_rows, txt_rows = [], []
         for start in range(0, len(images), batch_size):
             x = torch.stack(images[start : start + batch_size]).to(device)
+            x = fast.device(x) if fast is not None else x
             t = tokenizer(texts[start : start + batch_size]).to(device)
             img_rows.append(F.normalize(teacher.encode_image(x).float(), dim=-1).cpu())
             txt_rows.append(F.normalize(teacher.encode_text(t).float(), dim=-1).cpu())

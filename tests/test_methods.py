@@ -173,6 +173,7 @@ def test_config_refuses_zero3_for_full_parameter_methods():
     ({"calibration_data": "/nonexistent/cal"}, "calibration_data: '/nonexistent/cal' is not a directory"),
     ({"forget_attributes": "colour"}, "forget_attributes: expected KEY=VALUE"),
     ({"method": "subgroup", "subgroup_stages": "restore", "weight_decay": 0.1}, "weight_decay: with subgroup_stages"),
+    ({"method": "subgroup", "steps": 1}, "steps: the forget and remind stages need at least 2 steps"),
 ])
 def test_subgroup_config_problems(fields, message):
     assert any(p.startswith(message) for p in UnlearnConfig(**fields).problems()), UnlearnConfig(**fields).problems()

@@ -1,10 +1,13 @@
-"""Subgroup forgetting's pieces on constructed cases with known answers."""
+"""Subgroup forgetting's pieces on constructed cases with known answers, and whole runs."""
+import json
+
 import pytest
 import torch
 from torch import nn
 
 from cliperase.engine.models import load_model
 from cliperase.engine.subgroup import Ema, fisher_scores, layer_groups, search_soup, soup, top_layers, trainable_only
+from helpers import run_args, tiny_checkpoint, tiny_data  # noqa: F401
 
 
 class TwoPaths(nn.Module):
@@ -167,10 +170,6 @@ def test_eligible_layers_by_tower():
 
 # ---------------------------------------------------------------------------------------------
 # Whole runs of --method subgroup through launch/unlearn.py main() (tiny-clip, real shards).
-
-import json  # noqa: E402
-
-from helpers import run_args, tiny_checkpoint, tiny_data  # noqa: E402,F401
 
 
 def _run(tiny_data, tiny_checkpoint, out, steps, *sets):
