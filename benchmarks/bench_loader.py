@@ -1,6 +1,9 @@
-"""Loader throughput (samples/s) on 10,000-sample img2dataset shards, four ways side by side:
+"""Loader throughput (samples/s) on 10,000-sample img2dataset shards, five ways side by side:
 
-- bare: read the tars and decode each JPEG to RGB, nothing else (the floor of any loader);
+- bare: read the tars (Python's tarfile) and decode each JPEG to RGB, nothing else (the floor
+  of any loader written the usual way);
+- bare_own_tar: the same with the engine's own tar reader (data.ShardReader, unchecked): the
+  floor of this engine's loader; `overhead_ratio_vs_bare_own_tar` in the other rows is against it;
 - pipeline: `PairStream` as a training worker runs it: its shard reader, shuffle buffer, sample
   checks, open_clip's eval preprocess split by `data.split_preprocess` (decode, resize and crop
   written into a uint8 batch; the float conversion runs later on the device), `FastTokenizer`,
@@ -56,7 +59,7 @@ from cliperase.engine.synthetic import _encode, generate
 N = 10_000
 SHARD_SIZE = 2_500
 BATCH = 256
-PROVIDERS = ("bare", "pipeline", "shard_reader", "fast")
+PROVIDERS = ("bare", "bare_own_tar", "pipeline", "shard_reader", "fast")
 CASES = [(px, provider) for px in (32, 224) for provider in PROVIDERS]
 ONE_THREAD = ("pipeline", "fast")  # run as in a DataLoader worker
 _rates = {}  # (px, provider) -> samples/s, for the overhead ratio
@@ -101,6 +104,17 @@ def _bare(shards) -> int:
                     with Image.open(io.BytesIO(tar.extractfile(m).read())) as im:
                         im.convert("RGB")
                     n += 1
+    return n
+
+
+def _bare_own_tar(shards) -> int:
+    """The bare loop with the engine's tar reader instead of tarfile: read + decode to RGB only,
+    so `pipeline` against it is the cost of everything else a training stream does."""
+    n = 0
+    for sample in ShardReader(shards, check_images="none", check_samples=False):
+        with Image.open(io.BytesIO(sample["jpg"])) as im:
+            im.convert("RGB")
+        n += 1
     return n
 
 
@@ -207,6 +221,8 @@ def _shard_reader(shards) -> int:
 def _run(px: int, provider: str, shards) -> int:
     if provider == "bare":
         return _bare(shards)
+    if provider == "bare_own_tar":
+        return _bare_own_tar(shards)
     if provider == "pipeline":
         return _pipeline(shards, px)
     if provider == "fast":
@@ -243,5 +259,8 @@ def test_loader_throughput(benchmark, px, provider):
             bare_cpu = N / (time.process_time() - c)
         benchmark.extra_info.update(bare_samples_per_s=round(bare, 1), overhead_ratio=round(bare / rate, 3),
                                     cpu_overhead_ratio=round(bare_cpu / (n / cpu), 3))
+        own = _rates.get((px, "bare_own_tar"))
+        if own is not None and provider != "bare_own_tar":
+            benchmark.extra_info["overhead_ratio_vs_bare_own_tar"] = round(own / rate, 3)
     if provider == "fast":
         benchmark.extra_info.update(_paired(shards, px), load_avg_1m_at_end=round(os.getloadavg()[0], 2))

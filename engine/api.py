@@ -394,7 +394,7 @@ def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1)
 
     def batches(spec: str, what: str, seed: int, start: Optional[dict] = None, workers: int = data_workers):
         stream = PairStream(resolve_shards(spec, what), loaded.preprocess, loaded.tokenizer, cfg.batch_size,
-                            seed=seed, what=what, rank=rank, world=world, start=start)
+                            seed=seed, what=what, rank=rank, world=world, start=start, resampled=cfg.resampled)
         return loader(stream, workers, pin_memory=device.type == "cuda", device=device)
 
     specs = {"forget": (cfg.forget_data, "forget_data", cfg.seed), "retain": (cfg.retain_data, "retain_data",
@@ -574,7 +574,7 @@ def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1)
                 log_path=out / "log.jsonl" if main else None, desc=f"unlearn[{cfg.method}]", progress=progress and main,
                 stepper=stepper, accum_steps=cfg.accum_steps, timer=data_wait, on_step=on_step, start_step=start_step,
             )
-    except (Interrupted, NonFiniteLoss, OSError) as exc:
+    except (Interrupted, NonFiniteLoss, OSError, ConfigError) as exc:  # ConfigError: e.g. every shard vanished
         if main:
             last = find_checkpoint(out, "latest")[0]
             status = "interrupted" if isinstance(exc, Interrupted) else "failed"
@@ -605,8 +605,9 @@ def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1)
         ctx.student = student
         method.finish(ctx, student)
     after = run_eval(student)
-    export_open_clip(student, out / "model.pt", meta={"model": cfg.model, "method": cfg.method, "steps": cfg.steps,
-                                                       "source": cfg.pretrained, "world_size": world})
+    export_open_clip(student, out / "model.pt", dtype=torch.bfloat16 if cfg.export_precision == "bf16" else torch.float32,
+                     meta={"model": cfg.model, "method": cfg.method, "steps": cfg.steps, "source": cfg.pretrained,
+                           "world_size": world, "precision": cfg.export_precision})
     report = {
         "method": cfg.method,
         "model": cfg.model,

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import tarfile
+import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -48,6 +50,7 @@ class UnlearnConfig:
     warmup_steps: int = 0  # linear warmup before the schedule
     schedule: str = "constant"  # after warmup: "constant" or "cosine" decay to 0
     seed: int = 0  # data order and any randomness
+    resampled: bool = False  # streams draw shards with replacement (no epochs) instead of epoch after epoch
     # --- CLIPErase objective (METHOD.md)
     lambda_r: float = 1.0  # retention module weight (retain InfoNCE)
     lambda_f: float = 3.0  # forgetting module weight (forget-pair similarity)
@@ -79,6 +82,7 @@ class UnlearnConfig:
     eval_every: int = 0  # zero-shot evaluation every N steps for accuracy curves (0: before and after only)
     save_every: int = 100  # training checkpoint every N steps (0: none), plus one at the end and on SIGTERM/SIGINT
     keep_checkpoints: int = 2  # complete checkpoints kept in output_dir/checkpoints (older ones deleted)
+    export_precision: str = "fp32"  # dtype of the exported model.pt: "fp32" or "bf16" (half the bytes)
     resume: Optional[str] = None  # "latest" (newest verified checkpoint in output_dir; none yet: start) or a checkpoint dir
     # --- scale (DeepSpeed; engine/ds_config.py builds its config from these fields)
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3; >0 runs through deepspeed.initialize even on 1 process
@@ -154,6 +158,10 @@ class UnlearnConfig:
             p.append(f"forget_mode: expected one of {list(FORGET_MODES)}, got {self.forget_mode!r}")
         if not _finite(self.forget_margin) or not -1 <= self.forget_margin <= 1:
             p.append(f"forget_margin: expected a number in [-1, 1], got {self.forget_margin!r}")
+        if self.export_precision not in ("fp32", "bf16"):
+            p.append(f"export_precision: expected 'fp32' or 'bf16', got {self.export_precision!r}")
+        if not isinstance(self.resampled, bool):
+            p.append(f"resampled: expected true or false, got {self.resampled!r}")
         if self.teacher not in ("cache", "live"):
             p.append(f"teacher: expected 'cache' or 'live', got {self.teacher!r}")
         if self.loss_impl is not None and self.loss_impl not in LOSS_IMPLS:
@@ -319,6 +327,18 @@ def output_dir_problems(output_dir: str, overwrite: bool) -> List[str]:
         if markers:
             return [f"output_dir: {output_dir!r} holds another run ({', '.join(markers)}); "
                     "choose a new directory, pass --resume to continue it, or --overwrite to replace it"]
+    # Tried, not os.access(): root passes access() on a read-only filesystem. The probe file is
+    # created in the directory itself or the nearest existing parent, and removed at once.
+    probe_dir = out
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".cliperase-write-test-", dir=probe_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return [f"output_dir: cannot write in {str(probe_dir)!r} ({exc.strerror or exc}); "
+                "choose a writable directory"]
     return []
 
 

@@ -97,6 +97,16 @@ class TorchStepper:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def nonfinite_grads(self) -> list:
+        """Names (or indices) of parameters whose gradient holds a NaN/Inf. One host sync: the
+        loop asks on log steps only."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return []
+        finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).cpu()
+        names = {id(p): n for n, p in self.module.named_parameters()} if self.module is not None else {}
+        return [names.get(id(p), i) for i, (p, ok) in enumerate(zip(params, finite)) if not ok]
+
     def for_log(self, losses: Dict[str, Tensor]) -> Dict[str, Tensor]:
         return losses
 
@@ -127,6 +137,11 @@ class DeepSpeedStepper:
     @property
     def lr(self) -> float:
         return self.engine.get_lr()[0]
+
+    def nonfinite_grads(self) -> list:
+        """DeepSpeed checks its own: fp16 runs skip a step whose gradients overflow (loss scaler);
+        in bf16/fp32 a NaN gradient shows as a non-finite loss on a later log step."""
+        return []
 
     def for_log(self, losses: Dict[str, Tensor]) -> Dict[str, Tensor]:
         """The global batch's losses: each rank's are means over its equal share of rows, so their
@@ -183,15 +198,25 @@ def train_loop(
                    total=steps)
         for step in bar:
             with timer.step() if timer is not None else contextlib.nullcontext():
+                log_step = (step + 1) % log_every == 0 or step + 1 == steps
                 for micro in range(accum_steps):
                     micro_losses = step_fn()
                     stepper.backward(micro_losses["loss"])
+                    if log_step and micro == accum_steps - 1:
+                        # Before the update: a NaN/Inf gradient must not reach the weights.
+                        bad = stepper.nonfinite_grads()
+                        if bad:
+                            values = {k: v.item() for k, v in micro_losses.items()}
+                            terms = [k for k, v in values.items() if not math.isfinite(v)]
+                            raise NonFiniteLoss(f"step {step + 1}: non-finite loss term(s) {terms}: {values}" if terms
+                                                else f"step {step + 1}: non-finite gradient in {len(bad)} parameter(s), "
+                                                f"e.g. {bad[:3]}; the losses were finite")
                     stepper.step()
                     detached = {k: v.detach() for k, v in micro_losses.items()}
                     losses = detached if micro == 0 else {k: losses[k] + v for k, v in detached.items()}
             if accum_steps > 1:
                 losses = {k: v / accum_steps for k, v in losses.items()}
-            if (step + 1) % log_every == 0 or step + 1 == steps:
+            if log_step:
                 values = {k: v.item() for k, v in stepper.for_log(losses).items()}  # the loop's only host sync
                 bad = [k for k, v in values.items() if not math.isfinite(v)]
                 if bad:

@@ -121,3 +121,14 @@ def test_shard_vanishing_mid_run_is_skipped_and_counted_once(tmp_path):
     later = [x for _ in range(15) for x in _numbers(next(batches)[1])]  # four more epochs of 15
     assert Counter(later) == Counter({i: 4 for i in range(20) if not 5 <= i <= 9})
     assert batches.skipped()["unreadable_shard"] == 1
+
+
+def test_resampled_mode_draws_shards_with_replacement_and_resumes(tmp_path):
+    shards = _write(tmp_path / "d", 40, 5)  # 8 shards of 5
+    got, batches = _take(shards, 5, 16, seed=7, resampled=True)  # two rounds of 8 shards' worth
+    per_round = [Counter(x // 5 for b in got[r * 8:(r + 1) * 8] for x in b) for r in range(2)]
+    assert any(max(c.values()) > 5 for c in per_round), "some shard drawn twice in a round"
+    assert all(sum(c.values()) == 40 for c in per_round)
+    first, cut = _take(shards, 5, 6, seed=7, resampled=True)
+    rest, _ = _take(shards, 5, 10, seed=7, resampled=True, start=cut.state())
+    assert first + rest == got
