@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import random
+import signal
 import re
 import struct
 import tarfile
@@ -275,6 +276,13 @@ class Batches:
         return {k: int(total[k]) for k in SKIP_KINDS}
 
 
+def _leave_signals(worker_id: int) -> None:
+    """Ctrl-C reaches the workers too (the terminal signals the whole process group); they would
+    stop and the run fail mid-step instead of saving its checkpoint. The main process answers it
+    and shuts its workers down. SIGTERM keeps its default: it is how a parent ends its workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def split_preprocess(preprocess: Callable) -> Optional[FastPreprocess]:
     """open_clip's eval preprocess as a FastPreprocess (bit-identical up to JPEG draft decoding of
     images over twice the target size; see engine/preprocess.py), or None for one it cannot
@@ -306,7 +314,7 @@ def loader(stream: "PairStream", workers: int, *, pin_memory: bool = False,
     if workers == 0:
         return Batches(iter(stream), 1, stream.start, finish)
     dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4,
-                                     persistent_workers=False, pin_memory=pin_memory)
+                                     persistent_workers=False, pin_memory=pin_memory, worker_init_fn=_leave_signals)
     return Batches(iter(dl), workers, stream.start, finish)
 
 

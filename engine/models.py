@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import logging
 import os
 import socket
 import zipfile
@@ -165,6 +166,23 @@ def _hub_offline(offline: bool):
             os.environ["HF_HUB_OFFLINE"] = saved_env
 
 
+@contextlib.contextmanager
+def _quiet_random_init(asked: bool):
+    """open_clip warns "No pretrained weights loaded ... initialized randomly" on the root logger;
+    when no weights were asked for (pretraining, the tests' random checkpoints) that is the intent."""
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "No pretrained weights loaded" not in record.getMessage()
+
+    root, drop = logging.getLogger(), _Drop()
+    if asked:
+        root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def load_model(name: str, pretrained: Optional[str] = None, *, device: str | torch.device = "cpu") -> LoadedModel:
     """Build an open_clip model by architecture name with weights from a tag, a file, or none.
 
@@ -179,7 +197,7 @@ def load_model(name: str, pretrained: Optional[str] = None, *, device: str | tor
     is_tag = bool(pretrained) and not Path(pretrained).is_file()
     offline = is_tag and (os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or not _hub_reachable())
     try:
-        with _hub_offline(offline):
+        with _hub_offline(offline), _quiet_random_init(not pretrained):
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, device=device)
     except Exception as exc:  # open_clip and the hub raise many types; name the input instead
         if is_tag:

@@ -111,6 +111,7 @@ def child(fault: dict, argv: list, stderr_path: str) -> None:
     """A run in a forked process: stderr to a file, one torch thread, the exit code of the CLI."""
     import torch
 
+    os.setpgrp()  # its own process group, as a shell job: a test can signal the run and its workers together
     fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 2)
     sys.stderr = open(2, "w", buffering=1, closefd=False)

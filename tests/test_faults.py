@@ -70,8 +70,9 @@ def _run(args: list, fault: dict = None) -> _Result:
     return _finish(*_start(args, fault, out))
 
 
-def _kill_at(args: list, out: Path, step: int, delay: float, sig: int = signal.SIGKILL) -> int:
-    """Start a run; once its log shows `step`, wait `delay` s and send `sig`. Returns the exit code."""
+def _kill_at(args: list, out: Path, step: int, delay: float, sig: int = signal.SIGKILL, *, group: bool = False) -> int:
+    """Start a run; once its log shows `step`, wait `delay` s and send `sig` (to its whole process
+    group, data workers included, with `group`, as Ctrl-C in a terminal does). Returns the exit code."""
     proc, err = _start(args, None, out)
     log = out / "log.jsonl"
     deadline = time.monotonic() + 300
@@ -80,8 +81,7 @@ def _kill_at(args: list, out: Path, step: int, delay: float, sig: int = signal.S
         if rows and json.loads(rows[-1])["step"] >= step:
             time.sleep(delay)
             if proc.pid is not None and proc.is_alive():
-
-                os.kill(proc.pid, sig)
+                (os.killpg if group else os.kill)(proc.pid, sig)
             break
         time.sleep(0.005)
     return _finish(proc, err).returncode
@@ -165,6 +165,18 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(reference, tiny_data, ti
     saved = complete_checkpoints(out / "checkpoints")
     assert saved and json.loads((saved[-1] / "manifest.json").read_text())["step"] < STEPS
     assert not (out / "model.pt").exists()
+    assert _run(args).returncode == 0
+    _assert_same_as_reference(out, reference)
+
+
+def test_ctrl_c_to_the_process_group_saves_and_resumes(reference, tiny_data, tiny_checkpoint, tmp_path):
+    """SIGINT to the run and its DataLoader workers at once: the workers ignore it, the run saves
+    a checkpoint at the end of the step and exits 130."""
+    out = tmp_path / "ctrlc"
+    args = _args(tiny_data, tiny_checkpoint, out)
+    assert _kill_at(args, out, 2, 0.0, sig=signal.SIGINT, group=True) == 128 + signal.SIGINT
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    assert complete_checkpoints(out / "checkpoints")
     assert _run(args).returncode == 0
     _assert_same_as_reference(out, reference)
 
