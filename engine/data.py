@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 from zlib import adler32
 
 import torch
@@ -35,6 +35,7 @@ __all__ = ["resolve_shards", "shard_problems", "PairStream", "EvalSet", "load_ev
            "SKIP_KINDS", "ShardReader", "decode_image", "Batches", "loader", "split_preprocess"]
 
 log = logging.getLogger("cliperase.data")
+T = TypeVar("T")
 
 IMAGE_KEYS = "jpg;png;jpeg;webp"
 
@@ -135,18 +136,12 @@ class PairStream(torch.utils.data.IterableDataset):
     def _add(self, sample: dict, images: list, batch: Optional[Tensor], n: int) -> Optional[str]:
         """Put the sample's image at row `n` of `batch` (fast path) or append it to `images`;
         returns the skip kind of a sample that has none usable, else None."""
-        kind = _sample_problem(sample)
-        if kind is not None:
-            return kind
-        raw = sample[_image_ext(sample)]
-        try:
-            if batch is not None:
-                self.fast.cpu_into(raw, batch, n)
-            else:
-                images.append(self.preprocess(decode_image(raw)))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            return "corrupt_image"
-        return None
+        if batch is not None:
+            return sample_image(sample, lambda raw: self.fast.cpu_into(raw, batch, n))[1]
+        image, kind = sample_image(sample, lambda raw: self.preprocess(decode_image(raw)))
+        if kind is None:
+            images.append(image)
+        return kind
 
     def __iter__(self) -> Iterator[Tuple[Tensor, Tensor, dict]]:
         info = torch.utils.data.get_worker_info()
@@ -732,7 +727,7 @@ class ShardReader(torch.utils.data.IterableDataset):
             if kind is None and self.check_images != "none":
                 try:
                     image = decode_image(sample[_image_ext(sample)], draft=self.check_images == "draft")
-                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                except DECODE_ERRORS:
                     kind = "corrupt_image"
                 else:
                     if self.check_images == "decode":
@@ -746,6 +741,22 @@ class ShardReader(torch.utils.data.IterableDataset):
 
 def _image_ext(sample: dict) -> Optional[str]:
     return next((e for e in _IMAGE_EXTS if e in sample), None)
+
+
+# What PIL raises for bytes that are not a decodable image (UnidentifiedImageError is an OSError).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def sample_image(sample: dict, read: Callable[[bytes], T]) -> Tuple[Optional[T], Optional[str]]:
+    """`(read(image bytes), None)` for a sample with a caption and a decodable image, else
+    `(None, skip kind)`: the one rule training streams and the teacher cache share."""
+    kind = _sample_problem(sample)
+    if kind is not None:
+        return None, kind
+    try:
+        return read(sample[_image_ext(sample)]), None
+    except DECODE_ERRORS:
+        return None, "corrupt_image"
 
 
 def _sample_problem(sample: dict) -> Optional[str]:

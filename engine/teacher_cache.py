@@ -17,21 +17,19 @@ Size: 2 * d * 4 bytes per sample, e.g. 8 KB at d = 1024: 0.8 GB per 100,000 samp
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed as D
 from .checkpoint import atomic_save, write_json
-from .data import ShardReader, _image_ext, _sample_problem, decode_image, split_preprocess
+from .data import ShardReader, decode_image, sample_image, split_preprocess
 
 __all__ = ["TeacherCache", "teacher_fingerprint"]
 
@@ -124,12 +122,8 @@ def _embed_shards(where: Path, shards: List[Tuple[int, str]], teacher: nn.Module
         n = 0
         for sample in reader:
             n = max(n, sample["__ordinal__"] + 1)
-            if _sample_problem(sample) is not None:
-                continue
-            raw = sample[_image_ext(sample)]
-            try:
-                image = fast.cpu(raw) if fast is not None else preprocess(decode_image(raw))
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            image, kind = sample_image(sample, fast.cpu if fast is not None else lambda raw: preprocess(decode_image(raw)))
+            if kind is not None:
                 continue
             ordinals.append(sample["__ordinal__"])
             images.append(image)
