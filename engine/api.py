@@ -584,7 +584,6 @@ def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1)
             except OSError:  # the disk that failed the run may fail this too; run.json says "running"
                 pass
         if isinstance(exc, NonFiniteLoss) and main:
-            last = find_checkpoint(out, "latest")[0]
             raise NonFiniteLoss(f"{exc}. The weights of later steps are not saved; the last complete checkpoint is "
                                 f"{last or 'none'}. Lower lr, use fp32 or bf16 instead of fp16, or set grad_clip, "
                                 "then start again (or --resume with the same settings to retry from it)") from exc
