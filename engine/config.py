@@ -65,10 +65,13 @@ class UnlearnConfig:
     # subgroup (METHOD.md, Zhang et al. 2025): forget (top-k Fisher layers) -> remind (lambda_r * retain
     # InfoNCE + lambda_c * KL, EMA) -> restore (soup with the original); forget_mode/margin shape stage 1.
     subgroup_stages: str = "forget,remind,restore"  # stages to run, comma-separated (any non-empty subset; order fixed)
-    subgroup_forget_steps: Optional[int] = None  # forget-stage steps, the rest remind; default steps // 2 (all with one stage)
+    subgroup_forget_steps: Optional[int] = None  # forget-stage steps, the rest remind; default steps // 6 (all with one stage)
     subgroup_layers: int = 3  # k: the top-k layers by relative Fisher information are trained, the rest frozen
     subgroup_tower: str = "image"  # layers eligible for selection: "image" (the image tower) or "all"
     subgroup_fisher_batches: int = 4  # forget batches and retain batches each for the Fisher scores
+    # remind: weight of a hinge max(0, cos(forget image, class prompt) - forget_margin) kept in the remind loss so
+    # that training on the siblings (other circles) does not teach the subgroup back; 0 = METHOD.md's remind stage.
+    subgroup_guard: float = 3.0
     subgroup_ema_decay: float = 0.9  # remind: EMA of the weights, avg = d * avg + (1 - d) * w, from the forget stage's
     subgroup_original: Optional[str] = None  # the original model's checkpoint when the input is already unlearned; default the input
     calibration_data: Optional[str] = None  # CLIP_benchmark-layout split for the soup weight a; default: eval_data
@@ -226,7 +229,7 @@ class UnlearnConfig:
         first steps, remind the rest; with neither, the steps are no-ops and only restore acts."""
         stages = tuple(x for x in SUBGROUP_STAGES if x in _stage_list(self.subgroup_stages))
         if "forget" in stages and "remind" in stages:
-            f = self.subgroup_forget_steps if self.subgroup_forget_steps is not None else max(1, self.steps // 2)
+            f = self.subgroup_forget_steps if self.subgroup_forget_steps is not None else max(1, self.steps // 6)
             return stages, f, self.steps - f
         return stages, (self.steps if "forget" in stages else 0), (self.steps if "remind" in stages else 0)
 
@@ -262,6 +265,8 @@ class UnlearnConfig:
             p.append(f"subgroup_tower: expected one of {list(SUBGROUP_TOWERS)}, got {self.subgroup_tower!r}")
         if not _finite(self.subgroup_ema_decay) or not 0 <= self.subgroup_ema_decay < 1:
             p.append(f"subgroup_ema_decay: expected a number in [0, 1), got {self.subgroup_ema_decay!r}")
+        if not _finite(self.subgroup_guard) or self.subgroup_guard < 0:
+            p.append(f"subgroup_guard: expected a non-negative number, got {self.subgroup_guard!r}")
         if not _finite(self.soup_tolerance) or self.soup_tolerance < 0:
             p.append(f"soup_tolerance: expected a non-negative number, got {self.soup_tolerance!r}")
         if self.calibration_data is not None:

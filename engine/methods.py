@@ -178,7 +178,10 @@ def _subgroup(f: Features, cfg: UnlearnConfig) -> Dict[str, Tensor]:
     # its class prompt (the original's embedding of forget_classes x the eval templates, fixed in
     # method_state; several classes: the one the original's image embedding is nearest), shaped
     # by forget_mode/margin. Stage 2, remind: lambda_r * retain InfoNCE + lambda_c * KL to the
-    # original. Every term is logged every step; only the stage's own carries gradient.
+    # original + subgroup_guard * max(0, that cosine - forget_margin). Without the guard the remind
+    # stage teaches the subgroup back from its siblings (blue circles remind the model what a red
+    # circle is; benchmarks/results/compare-subgroup.md). Every term is logged every step; only
+    # the stage's own carry gradient.
     _, forget_steps, remind_steps = cfg.subgroup_plan()
     stage = "forget" if f.step < forget_steps else "remind" if f.step < forget_steps + remind_steps else "none"
     prompts = f.method_state["prompts"]  # (C, d) normalised
@@ -186,20 +189,25 @@ def _subgroup(f: Features, cfg: UnlearnConfig) -> Dict[str, Tensor]:
         target = prompts.expand(len(f.forget_img), -1)
     else:
         target = prompts[(f.teacher_forget_img @ prompts.T).argmax(dim=1)]
-    with torch.set_grad_enabled(stage == "forget" and torch.is_grad_enabled()):
+    grad = torch.is_grad_enabled()
+    with torch.set_grad_enabled(stage == "forget" and grad):
         forget = forget_similarity(f.forget_img, target, mode=cfg.forget_mode, margin=cfg.forget_margin)
-    with torch.set_grad_enabled(stage == "remind" and torch.is_grad_enabled()):
+    with torch.set_grad_enabled(stage == "remind" and grad):
         infonce, kl = cliperase_loss(_n(f.retain_img), _n(f.retain_txt), f.teacher_img, f.teacher_txt, f.logit_scale,
                                      teacher_logit_scale=f.teacher_logit_scale, impl=cfg.loss_impl,
                                      **_cols(f, "retain", teacher=True))
+    with torch.set_grad_enabled(stage == "remind" and grad and cfg.subgroup_guard > 0):
+        guard = forget_similarity(f.forget_img, target, mode="hinge", margin=cfg.forget_margin)
     if stage == "forget":
         loss = forget
     elif stage == "remind":
         loss = cfg.lambda_r * infonce + cfg.lambda_c * kl
+        if cfg.subgroup_guard > 0:
+            loss = loss + cfg.subgroup_guard * guard
     else:  # restore only: no-op steps (zero gradients) so the engine's loop runs unchanged
         loss = 0.0 * (f.forget_img.sum() + f.retain_img.sum())
     return {"loss": loss, "forget_prompt_sim": forget.detach(), "retain_infonce": infonce.detach(),
-            "consistency_kl": kl.detach()}
+            "consistency_kl": kl.detach(), "forget_guard": guard.detach()}
 
 
 METHODS: Dict[str, Method] = {m.name: m for m in (
@@ -219,7 +227,8 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
            "retain embeddings kept (MultiDelete-style)",
            uses_forget=True, uses_retain=True, uses_teacher=True, objective=_multidelete, teacher_on_forget=True),
     Method("subgroup", "subgroup forgetting (Zhang et al. 2025): top-k Fisher layers pushed off the class prompt, "
-           "then retain InfoNCE + KL with an EMA, then a soup with the original chosen on a calibration split",
+           "then retain InfoNCE + KL + a guard on the forgotten pairs with an EMA, then a soup with the original "
+           "chosen on a calibration split",
            uses_forget=True, uses_retain=True, uses_teacher=True, objective=_subgroup, teacher_on_forget=True,
            setup=subgroup.setup, after_step=subgroup.after_step, finish=subgroup.finish, needs_full_params=True),
 )}

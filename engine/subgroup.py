@@ -4,7 +4,8 @@ three stages, each usable alone.
 1. Forget: `fisher_scores` ranks layers by relative Fisher information (squared gradients of the
    image-text similarity on the forget set over the same on the retain set); `trainable_only`
    freezes all but the top-k (`top_layers`).
-2. Remind: retain-set training with distillation from the original, keeping an `Ema` of weights.
+2. Remind: retain-set training with distillation from the original, keeping an `Ema` of weights
+   (engine/methods.py adds a guard that keeps the forgotten pairs forgotten meanwhile).
 3. Restore: `soup` mixes `a * unlearned + (1 - a) * original`; `search_soup` picks the `a` with
    the strongest forgetting whose retain accuracy stays within a tolerance of the original's.
 """
@@ -273,6 +274,8 @@ def finish(ctx, model: nn.Module) -> None:
     cfg, st, rep = ctx.cfg, ctx.state, ctx.report
     stages, forget_steps, remind_steps = cfg.subgroup_plan()
     rep.update(stages=list(stages), forget_steps=forget_steps, remind_steps=remind_steps)
+    if remind_steps:
+        rep.update(guard=cfg.subgroup_guard, guard_margin=cfg.forget_margin)
     if "layers" in st:
         ranked = sorted(st["fisher"].items(), key=lambda kv: -kv[1])
         rep.update(layers=list(st["layers"]), trainable_params=int(st.get("trainable_params", 0)),

@@ -1,5 +1,6 @@
 """Each method's objective against values computed by hand from tiny embeddings."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -103,7 +104,7 @@ def _at(feats, step, **state):
 
 
 def test_subgroup_forget_stage_is_the_cosine_to_the_class_prompt(feats):
-    cfg = UnlearnConfig(steps=4, lambda_r=1.0, lambda_c=2.0)  # forget stage: steps 0-1, remind: 2-3
+    cfg = UnlearnConfig(steps=4, lambda_r=1.0, lambda_c=2.0, subgroup_forget_steps=2)  # forget: steps 0-1, remind: 2-3
     out = METHODS["subgroup"].objective(_at(feats, 0), cfg)
     # Forget images (1, 0) and (0.6, 0.8) against the prompt (1, 0): cosines 1.0 and 0.6.
     assert out["loss"].item() == pytest.approx(0.8, rel=1e-6)
@@ -116,18 +117,22 @@ def test_subgroup_forget_stage_is_the_cosine_to_the_class_prompt(feats):
     assert hinge["loss"].item() == pytest.approx((0.3 + 0.0) / 2, rel=1e-6)
 
 
-def test_subgroup_remind_stage_is_retain_infonce_plus_kl(feats):
-    cfg = UnlearnConfig(steps=4, lambda_r=0.5, lambda_c=2.0)
+def test_subgroup_remind_stage_is_retain_infonce_plus_kl_plus_the_guard(feats):
+    cfg = UnlearnConfig(steps=4, lambda_r=0.5, lambda_c=2.0, subgroup_forget_steps=2, subgroup_guard=0.0)
     out = METHODS["subgroup"].objective(_at(feats, 2), cfg)
     infonce = _infonce_by_hand(feats.retain_img, feats.retain_txt, 2.0)
     kl = _kl_by_hand(feats.retain_img, feats.retain_txt, feats.teacher_img, feats.teacher_txt, 2.0)
     assert out["retain_infonce"].item() == pytest.approx(infonce, rel=1e-5)
     assert out["consistency_kl"].item() == pytest.approx(kl, rel=1e-4)
-    assert out["loss"].item() == pytest.approx(0.5 * infonce + 2.0 * kl, rel=1e-5)
+    assert out["loss"].item() == pytest.approx(0.5 * infonce + 2.0 * kl, rel=1e-5), "guard 0: METHOD.md's remind"
     assert out["forget_prompt_sim"].item() == pytest.approx(0.8, rel=1e-6), "logged in both stages"
-    # subgroup_forget_steps moves the switch.
+    # The guard: max(0, cos - forget_margin) of the forget images (cosines 1.0 and 0.6 to the prompt).
+    guarded = METHODS["subgroup"].objective(_at(feats, 2), replace(cfg, subgroup_guard=4.0, forget_margin=0.7))
+    assert guarded["forget_guard"].item() == pytest.approx((0.3 + 0.0) / 2, rel=1e-6)
+    assert guarded["loss"].item() == pytest.approx(0.5 * infonce + 2.0 * kl + 4.0 * 0.15, rel=1e-5)
+    # subgroup_forget_steps moves the switch (defaults: lambda_r 1, lambda_c 3, guard 3 at margin 0).
     early = METHODS["subgroup"].objective(_at(feats, 1), UnlearnConfig(steps=4, subgroup_forget_steps=1))
-    assert early["loss"].item() == pytest.approx(infonce + 3.0 * kl, rel=1e-5)
+    assert early["loss"].item() == pytest.approx(infonce + 3.0 * kl + 3.0 * 0.8, rel=1e-5)
 
 
 def _grads(feats, step, cfg):
@@ -138,14 +143,20 @@ def _grads(feats, step, cfg):
 
 
 def test_subgroup_only_the_active_stage_carries_gradient(feats):
-    cfg = UnlearnConfig(steps=4)
+    cfg = UnlearnConfig(steps=4, subgroup_forget_steps=2, subgroup_guard=0.0)
     fg, rg = _grads(feats, 0, cfg)
     assert fg.abs().sum() > 0 and rg is None
     fg, rg = _grads(feats, 3, cfg)
     assert fg is None and rg.abs().sum() > 0
+    # The remind stage's guard reaches a forget image only above the margin: (0.6, 0.8), at cosine
+    # 0.6 to the prompt, is pushed with margin 0.5 and left alone with 0.7.
+    fg, rg = _grads(feats, 3, replace(cfg, subgroup_guard=1.0, forget_margin=0.5))
+    assert fg[1].abs().sum() > 0 and rg.abs().sum() > 0
+    fg, rg = _grads(feats, 3, replace(cfg, subgroup_guard=1.0, forget_margin=0.7))
+    assert fg[1].abs().sum() == 0 and rg.abs().sum() > 0
     # One training stage takes every step; with none (restore only) the steps are no-ops.
     assert _grads(feats, 3, UnlearnConfig(steps=4, subgroup_stages="forget,restore"))[1] is None
-    assert _grads(feats, 0, UnlearnConfig(steps=4, subgroup_stages="remind"))[0] is None
+    assert _grads(feats, 0, UnlearnConfig(steps=4, subgroup_stages="remind", subgroup_guard=0.0))[0] is None
     fg, rg = _grads(feats, 0, UnlearnConfig(steps=4, subgroup_stages="restore"))
     assert fg.abs().sum() == 0 and rg.abs().sum() == 0
 
@@ -169,6 +180,8 @@ def test_config_refuses_zero3_for_full_parameter_methods():
     ({"subgroup_layers": 0}, "subgroup_layers: expected a positive integer"),
     ({"subgroup_tower": "text"}, "subgroup_tower: expected"),
     ({"subgroup_ema_decay": 1.0}, "subgroup_ema_decay: expected"),
+    ({"subgroup_guard": -1.0}, "subgroup_guard: expected a non-negative number"),
+    ({"subgroup_guard": float("nan")}, "subgroup_guard: expected a non-negative number"),
     ({"soup_tolerance": -0.1}, "soup_tolerance: expected"),
     ({"calibration_data": "/nonexistent/cal"}, "calibration_data: '/nonexistent/cal' is not a directory"),
     ({"forget_attributes": "colour"}, "forget_attributes: expected KEY=VALUE"),
@@ -180,7 +193,8 @@ def test_subgroup_config_problems(fields, message):
 
 
 def test_subgroup_plan():
-    assert UnlearnConfig(steps=9).subgroup_plan() == (("forget", "remind", "restore"), 4, 5)
+    assert UnlearnConfig(steps=60).subgroup_plan() == (("forget", "remind", "restore"), 10, 50)
+    assert UnlearnConfig(steps=2).subgroup_plan()[1:] == (1, 1)
     assert UnlearnConfig(steps=9, subgroup_forget_steps=2).subgroup_plan()[1:] == (2, 7)
     assert UnlearnConfig(steps=9, subgroup_stages="restore,forget").subgroup_plan() == (("forget", "restore"), 9, 0)
     assert UnlearnConfig(steps=9, subgroup_stages="remind").subgroup_plan() == (("remind",), 0, 9)
