@@ -394,7 +394,8 @@ def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1)
 
     def batches(spec: str, what: str, seed: int, start: Optional[dict] = None, workers: int = data_workers):
         stream = PairStream(resolve_shards(spec, what), loaded.preprocess, loaded.tokenizer, cfg.batch_size,
-                            seed=seed, what=what, rank=rank, world=world, start=start, resampled=cfg.resampled)
+                            seed=seed, what=what, rank=rank, world=world, start=start, resampled=cfg.resampled,
+                            split=cfg.data_split)
         return loader(stream, workers, pin_memory=device.type == "cuda", device=device)
 
     specs = {"forget": (cfg.forget_data, "forget_data", cfg.seed), "retain": (cfg.retain_data, "retain_data",

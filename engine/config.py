@@ -24,6 +24,7 @@ SUBGROUP_TOWERS = ("image", "all")
 FORGET_MODES = ("cosine", "dot", "hinge")
 LOSS_IMPLS = ("ref", "chunked", "triton")
 SCHEDULES = ("constant", "cosine")
+DATA_SPLITS = ("auto", "sample", "shard")  # how training streams divide data between readers (engine/data.py PairStream)
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Files whose presence marks a directory as holding a run (started or finished).
 RUN_MARKERS = ("run.json", "report.json")
@@ -51,6 +52,9 @@ class UnlearnConfig:
     schedule: str = "constant"  # after warmup: "constant" or "cosine" decay to 0
     seed: int = 0  # data order and any randomness
     resampled: bool = False  # streams draw shards with replacement (no epochs) instead of epoch after epoch
+    # How ranks x data workers divide a stream: "shard" (each reads only its shards: for big corpora),
+    # "sample" (each reads every shard, decodes its samples: any shard count), "auto" (shard at >= 4 shards a reader)
+    data_split: str = "auto"
     # --- CLIPErase objective (METHOD.md)
     lambda_r: float = 1.0  # retention module weight (retain InfoNCE)
     lambda_f: float = 3.0  # forgetting module weight (forget-pair similarity)
@@ -163,6 +167,8 @@ class UnlearnConfig:
             p.append(f"forget_margin: expected a number in [-1, 1], got {self.forget_margin!r}")
         if self.export_precision not in ("fp32", "bf16"):
             p.append(f"export_precision: expected 'fp32' or 'bf16', got {self.export_precision!r}")
+        if self.data_split not in DATA_SPLITS:
+            p.append(f"data_split: expected one of {list(DATA_SPLITS)}, got {self.data_split!r}")
         if not isinstance(self.resampled, bool):
             p.append(f"resampled: expected true or false, got {self.resampled!r}")
         if self.teacher not in ("cache", "live"):

@@ -28,6 +28,7 @@ import webdataset as wds
 from PIL import Image
 from torch import Tensor
 
+from .config import DATA_SPLITS
 from .errors import ConfigError
 from .preprocess import FastPreprocess, FastTokenizer
 
@@ -38,6 +39,9 @@ log = logging.getLogger("cliperase.data")
 T = TypeVar("T")
 
 IMAGE_KEYS = "jpg;png;jpeg;webp"
+# split="auto" reads by shard from this many shards a reader per epoch: below it, readers' epochs
+# (a few shards each) would differ by a large fraction, and a one-shard forget set must still split.
+SHARDS_PER_READER = 4
 
 
 def _expand(spec: str) -> List[str]:
@@ -89,17 +93,23 @@ class PairStream(torch.utils.data.IterableDataset):
     Order: epoch `e` reads the shards in an order shuffled with seed `seed + e` (`resampled`:
     as many shards drawn with replacement with that seed, webdataset's resampled mode, so a
     "round" is not an epoch) and shuffles samples through a `shuffle_buffer`; that raw sequence depends only on the seed and the shard
-    list. Samples are numbered along it across epochs, and sample `g` belongs to reader
-    `g % (world * workers)`, reader `rank * workers + worker`: ranks and DataLoader workers see
-    disjoint samples, and together every sample once per epoch. Every reader reads the tar
-    bytes of all shards (cheap next to decoding) and decodes only its own samples, so this holds
-    for any number of shards, a one-shard forget set included. One process with
-    `world * batch_size` rows per batch sees the same samples per step as `world` ranks with
-    `batch_size` each (in another row order). Batches run across epoch boundaries.
+    list. Ranks and DataLoader workers (reader `rank * workers + worker` of `world * workers`)
+    see disjoint samples, and together every sample once per epoch, split one of two ways
+    (`split`, default "auto": by shard when every reader gets at least SHARDS_PER_READER shards):
+    - "sample": samples are numbered along the raw sequence across epochs and sample `g` belongs
+      to reader `g % readers`. Every reader reads the tar bytes of all shards and decodes only its
+      own samples, so this holds for any number of shards (a one-shard forget set), and one
+      process with `world * batch_size` rows per batch sees the same samples per step as `world`
+      ranks with `batch_size` each (in another row order). The reads grow with the readers.
+    - "shard": reader r reads only shards r, r + readers, ... of the epoch's shuffled list and
+      shuffles its own samples: each byte is read once per epoch, whatever the number of readers
+      (a CC12M-size corpus on 8 GPUs x 8 workers), and readers' epochs differ by up to a shard.
+    Batches run across epoch boundaries.
 
     Bad data is skipped, never raised (see SKIP_KINDS): each reader counts its own bad samples
-    in the first epoch; reader 0 counts each damaged or vanished shard once (a shard that
-    disappears mid-run is skipped from then on, with a warning).
+    in the first epoch; damaged or vanished shards are counted once each: by reader 0 ("sample",
+    over the whole run) or by the reader that read them in the first epoch ("shard"; a shard
+    that vanishes later is skipped with a warning but not counted).
 
     `position` (a dict) says where this reader is after the batch: what `start` takes back
     (through `Batches.state()`) to continue the stream where it stopped, on resume. Its "ids"
@@ -110,9 +120,11 @@ class PairStream(torch.utils.data.IterableDataset):
 
     def __init__(self, shards: Sequence[str], preprocess: Callable, tokenizer: Callable, batch_size: int,
                  *, seed: int = 0, shuffle_buffer: int = 1000, what: str = "data", rank: int = 0, world: int = 1,
-                 start: Optional[dict] = None, resampled: bool = False):
+                 start: Optional[dict] = None, resampled: bool = False, split: str = "auto"):
         if not 0 <= rank < world:
             raise ValueError(f"rank: expected 0 <= rank < world ({world}), got {rank}")
+        if split not in DATA_SPLITS:
+            raise ValueError(f"split: expected one of {list(DATA_SPLITS)}, got {split!r}")
         self.shards = list(shards)
         self.preprocess = preprocess
         # open_clip's preprocess split: uint8 pixels here (in the loader worker), the float
@@ -120,16 +132,29 @@ class PairStream(torch.utils.data.IterableDataset):
         self.fast = split_preprocess(preprocess)
         self.tokenizer = FastTokenizer(tokenizer)  # open_clip's tokens, exactly, at a tenth of the time
         self.batch_size, self.seed, self.shuffle_buffer, self.what = batch_size, seed, shuffle_buffer, what
-        self.rank, self.world, self.start, self.resampled = rank, world, start, resampled
+        self.rank, self.world, self.start, self.resampled, self.split = rank, world, start, resampled, split
 
-    def _raw(self, epoch: int, reader: ShardReader) -> Iterator[dict]:
-        """Epoch `epoch`'s raw samples in their shuffled order (tar-level damage skipped)."""
+    def by_shard(self, readers: int) -> bool:
+        """Whether `readers` readers split this stream by shard (else by sample; one reader has
+        nothing to split and reads as "sample" does)."""
+        if readers == 1:
+            return False
+        if self.split == "auto":
+            return len(self.shards) >= SHARDS_PER_READER * readers
+        return self.split == "shard"
+
+    def _raw(self, epoch: int, reader: ShardReader, part: Optional[Tuple[int, int]] = None) -> Iterator[dict]:
+        """Epoch `epoch`'s raw samples in their shuffled order (tar-level damage skipped); `part`
+        = (reader, readers): only that reader's shards of the epoch's order."""
         rng = random.Random(self.seed + epoch)
         if self.resampled:  # as many shards drawn with replacement: no epochs, for corpora too big for one
             shards = rng.choices(self.shards, k=len(self.shards))
         else:
             shards = self.shards[:]
             rng.shuffle(shards)
+        if part is not None:
+            shards = shards[part[0]::part[1]]
+            rng = random.Random(f"{self.seed + epoch}/{part[0]}")  # each reader its own sample shuffle
         reader.shards = shards
         return _shuffled(iter(reader), self.shuffle_buffer, rng)
 
@@ -158,6 +183,7 @@ class PairStream(torch.utils.data.IterableDataset):
         skipped = Counter(pos.get("skipped", {}))
         bad_shards = dict(pos.get("bad_shards", {}))  # reader 0: shard path -> skip kind, each counted once
         readers, me = self.world * workers, self.rank * workers + role
+        by_shard = self.by_shard(readers)
         reader = ShardReader([], check_images="none", check_samples=False)
         images: List[Tensor] = []
         texts: List[str] = []
@@ -168,7 +194,7 @@ class PairStream(torch.utils.data.IterableDataset):
         idle_epochs = 0
         while True:
             total = taken = 0
-            raw = self._raw(epoch, reader)
+            raw = self._raw(epoch, reader, (me, readers) if by_shard else None)
             for _ in range(index):  # resume: skip what was consumed, without decoding it
                 next(raw, None)
                 total += 1
@@ -176,7 +202,7 @@ class PairStream(torch.utils.data.IterableDataset):
                 total += 1
                 index += 1
                 seen += 1
-                if (seen - 1) % readers != me:
+                if not by_shard and (seen - 1) % readers != me:
                     continue
                 kind = self._add(sample, images, batch, len(texts))
                 if kind is not None:
@@ -187,7 +213,7 @@ class PairStream(torch.utils.data.IterableDataset):
                 texts.append(sample["txt"].decode("utf-8").strip())
                 ids.append((shard_ids[sample["__url__"]], sample["__ordinal__"]))
                 if len(texts) == self.batch_size:
-                    if me == 0:
+                    if (me == 0 and not by_shard) or (by_shard and epoch == 0):
                         bad_shards.update({url: _shard_kind(why) for url, why in reader.bad_shards.items()})
                     counts = skipped + Counter(bad_shards.values())
                     position = {"role": role, "epoch": epoch, "index": index, "seen": seen,
@@ -197,7 +223,9 @@ class PairStream(torch.utils.data.IterableDataset):
                     yield (batch if batch is not None else torch.stack(images)), self.tokenizer(texts), position
                     images, texts, ids = [], [], []
                     batch = self.fast.empty_batch(self.batch_size) if self.fast else None
-            if total == 0:
+            if by_shard and epoch == 0:  # the first epoch's damaged shards read after its last batch
+                bad_shards.update({url: _shard_kind(why) for url, why in reader.bad_shards.items()})
+            if total == 0 and not by_shard:  # by shard, one reader's few shards may all be damaged: idle
                 raise ConfigError([f"{self.what}: no samples in {len(self.shards)} shards "
                                    f"(skipped: {dict(+skipped) or 'none'}; bad shards: {reader.bad_shards or 'none'})"])
             idle_epochs = 0 if taken else idle_epochs + 1

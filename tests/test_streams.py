@@ -132,3 +132,70 @@ def test_resampled_mode_draws_shards_with_replacement_and_resumes(tmp_path):
     first, cut = _take(shards, 5, 6, seed=7, resampled=True)
     rest, _ = _take(shards, 5, 10, seed=7, resampled=True, start=cut.state())
     assert first + rest == got
+
+
+def _reads(monkeypatch) -> list:
+    """Shard paths opened by ShardReaders in this process, in order."""
+    from cliperase.engine.data import ShardReader
+
+    opened = []
+    real = ShardReader._open
+
+    def spy(self, url):
+        opened.append(url)
+        return real(self, url)
+    monkeypatch.setattr(ShardReader, "_open", spy)
+    return opened
+
+
+@pytest.mark.parametrize("world,workers", [(2, 1), (2, 2)], ids=lambda v: str(v))
+def test_by_shard_each_reader_reads_only_its_shards_and_an_epoch_is_every_sample_once(tmp_path, monkeypatch,
+                                                                                     world, workers):
+    n, per_shard, batch = 64, 4, 4  # 16 shards of 4: 8 or 4 a reader, so "auto" splits by shard
+    shards = _write(tmp_path / "d", n, per_shard)
+    readers = world * workers
+    assert _stream(shards, batch).by_shard(readers) and not _stream(shards, batch, split="sample").by_shard(readers)
+    per_reader = n // readers // batch  # equal-size shards: equal epochs
+    seen, shards_of = [], []
+    for rank in range(world):
+        got, _ = _take(shards, batch, 2 * per_reader * workers, workers=workers, rank=rank, world=world, seed=5)
+        epoch1 = [got[i] for i in range(len(got)) if i // workers < per_reader]  # worker turns interleave
+        seen += [x for b in epoch1 for x in b]
+        for w in range(workers):  # each reader's samples of an epoch come from whole shards, its own
+            own = {x // per_shard for i, b in enumerate(got) if i % workers == w and i // workers < per_reader for x in b}
+            assert sum(len(b) for i, b in enumerate(got) if i % workers == w and i // workers < per_reader) == len(own) * per_shard
+            shards_of.append(own)
+    assert Counter(seen) == Counter(range(n)), "every sample exactly once per epoch"
+    assert all(not a & b for i, a in enumerate(shards_of) for b in shards_of[i + 1:]), "disjoint shards"
+    # In one process (no workers) a reader opens only its share of the shards each epoch.
+    opened = _reads(monkeypatch)
+    _take(shards, batch, per_reader, rank=1, world=readers, seed=5)
+    assert len(opened) == len(shards) // readers and len(set(opened)) == len(opened)
+    opened.clear()
+    _take(shards, batch, per_reader, rank=1, world=readers, seed=5, split="sample")
+    assert len(opened) == len(shards), "by sample every reader reads every shard"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_by_shard_resume_continues_the_sequence_and_counts_bad_data_once(tmp_path, workers):
+    bad = {3: "corrupt_image", 22: "missing_caption"}
+    shards = _write(tmp_path / "d", 40, 4, bad=bad)  # 10 shards of 4, 2 readers (rank 1 of 2 here)
+    kw = dict(workers=workers, rank=1, world=2, seed=2, split="shard")
+    reference, batches = _take(shards, 3, 15, **kw)  # several epochs of this reader's ~19 samples
+    for cut in (1, 4, 7):
+        first, part = _take(shards, 3, cut, **kw)
+        rest, _ = _take(shards, 3, 15 - cut, **kw, start=part.state())
+        assert first + rest == reference, f"cut after {cut} batches"
+    # Both ranks' counts together: each bad sample once, whichever reader read it in epoch 0.
+    other = _take(shards, 3, 15, **{**kw, "rank": 0})[1]
+    total = Counter(batches.skipped()) + Counter(other.skipped())
+    assert total == Counter({"corrupt_image": 1, "missing_caption": 1})
+
+
+def test_data_split_is_checked():
+    from cliperase.engine.config import UnlearnConfig
+
+    assert any(p.startswith("data_split: expected one of ['auto', 'sample', 'shard'], got 'rows'")
+               for p in UnlearnConfig(data_split="rows").problems())
+    with pytest.raises(ValueError, match="split: expected one of"):
+        PairStream([], None, list, 2, split="rows")
