@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 import hashlib
 import importlib.metadata
 import json
@@ -14,7 +15,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -290,6 +291,99 @@ def _tensorboard(log_dir: Path):
     return SummaryWriter(str(log_dir))
 
 
+@dataclass
+class _Training:
+    """What the training loop drives: `forward(images, texts) -> (img, txt, scale)`, the stepper,
+    the teacher's encoder for live teacher runs, and (DeepSpeed) what consolidation needs."""
+
+    forward: Callable
+    stepper: object
+    encode_teacher: Callable
+    towers: Optional[Towers] = None  # DeepSpeed: the wrapped student
+    buffers: Dict[str, Tensor] = field(default_factory=dict)  # DeepSpeed: state-dict entries never trained
+    shapes: Dict[str, torch.Size] = field(default_factory=dict)  # DeepSpeed: 0-dim parameters reshaped for it
+
+
+def _build_training(cfg: UnlearnConfig, student: nn.Module, teacher: Optional[nn.Module], *, live_teacher: bool,
+                    use_ds: bool, world: int, ds_config_path: Optional[Path], lr_fn: Callable[[int], float]) -> _Training:
+    """Plain torch (TorchStepper) or a DeepSpeed engine around the student; under ZeRO-3 a live
+    teacher becomes a sharded inference engine too. `ds_config_path`: where to write the
+    DeepSpeed config (rank 0), or None."""
+    encode_teacher = lambda x, t: (teacher.encode_image(x), teacher.encode_text(t))  # noqa: E731
+    if not use_ds:
+        stepper = TorchStepper(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, lr_fn=lr_fn,
+                               accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, module=student)
+        return _Training(Towers(student), stepper, encode_teacher)
+    import deepspeed
+
+    from .ds_config import build_ds_config
+
+    ds_config = build_ds_config(cfg, world)
+    if ds_config_path is not None:
+        write_json(ds_config, ds_config_path)
+    shapes = _scalar_params_for_deepspeed(student)
+    # The state dict's buffers (BN statistics, a frozen logit_scale) are never trained: kept as loaded.
+    params = {k for k, _ in student.named_parameters()}
+    buffers = {k: v.detach().cpu().clone() for k, v in student.state_dict().items() if k not in params}
+    towers = Towers(student, zero3=cfg.zero_stage == 3)
+    towers.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
+    # A client torch AdamW (no JIT-built DeepSpeed Adam) and the engine's own lr schedule.
+    engine, *_ = deepspeed.initialize(model=towers, optimizer=make_optimizer(towers.parameters(), cfg.lr, cfg.weight_decay),
+                                      config=ds_config,
+                                      lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_fn))
+    if teacher is not None and live_teacher and cfg.zero_stage == 3:
+        # A live teacher under ZeRO-3 inference: its parameters sharded across ranks like the
+        # student's and gathered layer by layer in its forward, in the run's precision; no
+        # optimizer. (The cache, the default, needs no teacher at all during training.)
+        _scalar_params_for_deepspeed(teacher)
+        teacher_towers = Towers(teacher, zero3=True)
+        teacher_towers.input_dtype = towers.input_dtype
+        teacher_config = {k: v for k, v in ds_config.items() if k not in ("gradient_clipping", "zero_allow_untested_optimizer")}
+        teacher_engine, *_ = deepspeed.initialize(model=teacher_towers, config=teacher_config)
+        teacher_engine.eval()
+        encode_teacher = lambda x, t: teacher_engine(x, t)[:2]  # noqa: E731
+    return _Training(engine, DeepSpeedStepper(engine), encode_teacher, towers, buffers, shapes)
+
+
+def _resume_point(cfg: UnlearnConfig, out: Path, world: int, rank: int, main: bool,
+                  distributed: bool) -> Tuple[Optional[Path], dict, dict, int]:
+    """Which checkpoint to continue from (rank 0 looks and verifies, every rank follows), and what
+    it holds: (checkpoint or None, this rank's state, rank 0's run state, steps done)."""
+    try:
+        found = _find_resume_point(cfg, out, world) if main else None
+        decision = str(found) if found else None
+    except ConfigError as exc:
+        decision = exc
+    decision = _broadcast(decision, distributed)
+    if isinstance(decision, ConfigError):
+        raise decision
+    if not decision:
+        return None, {}, {}, 0
+    path = Path(decision)
+    rank_state = torch.load(path / f"rank_{rank}.pt", map_location="cpu", weights_only=False)
+    run_state = torch.load(path / "run_state.pt", map_location="cpu", weights_only=False) if main else {}
+    return path, rank_state, run_state, read_manifest(path)["step"]
+
+
+class _Evaluator:
+    """`evaluate()` on an eval set by root (default cfg.eval_data), each set and its attributes
+    read once; the forget part narrowed to cfg.forget_attributes when given."""
+
+    def __init__(self, cfg: UnlearnConfig, loaded):
+        self.cfg, self.loaded = cfg, loaded
+        self.sets: Dict[str, object] = {}
+        self.attributes: Dict[str, list] = {}
+
+    def __call__(self, model: nn.Module, root: Optional[str] = None) -> dict:
+        root = root or self.cfg.eval_data
+        if root not in self.sets:
+            self.sets[root] = load_eval_set(root, self.loaded.preprocess)
+        if self.cfg.forget_attributes and root not in self.attributes:
+            self.attributes[root] = load_attributes(root)
+        return evaluate(model, self.loaded.tokenizer, self.sets[root], self.cfg.forget_classes,
+                        attributes=self.attributes.get(root), forget_where=self.cfg.forget_attributes or None)
+
+
 def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1) -> Optional[dict]:
     """Unlearn `cfg.forget_data` from `cfg.model` and report before/after metrics.
 
@@ -328,20 +422,8 @@ def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1)
     out = Path(cfg.output_dir)
     ckpt_root = out / CHECKPOINTS
 
-    # Which checkpoint to continue from: rank 0 looks (and verifies), every rank follows.
-    try:
-        resume_from = _find_resume_point(cfg, out, world) if main else None
-        decision = str(resume_from) if resume_from else None
-    except ConfigError as exc:
-        decision = exc
-    decision = _broadcast(decision, distributed)
-    if isinstance(decision, ConfigError):
-        raise decision
-    resume_from = Path(decision) if decision else None
-    rank_state = torch.load(resume_from / f"rank_{rank}.pt", map_location="cpu", weights_only=False) if resume_from else {}
-    run_state = torch.load(resume_from / "run_state.pt", map_location="cpu", weights_only=False) \
-        if resume_from and main else {}
-    start_step = read_manifest(resume_from)["step"] if resume_from else 0
+    resume_from, rank_state, run_state, start_step = _resume_point(cfg, out, world, rank, main, distributed)
+    decision = str(resume_from) if resume_from else None
 
     run_info = {"status": "running", "config": cfg.to_dict(), "versions": _versions(), "world_size": world,
                 "pretrained_file": _input_fingerprint(cfg.pretrained), "resumed_from": decision}
@@ -352,22 +434,7 @@ def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1)
     method = get_method(cfg.method)
     loaded = load_model(cfg.model, cfg.pretrained, device=device)
     student = loaded.model
-    eval_sets = {}
-
-    def eval_set(root: Optional[str] = None):
-        root = root or cfg.eval_data
-        if root not in eval_sets:
-            eval_sets[root] = load_eval_set(root, loaded.preprocess)
-        return eval_sets[root]
-
-    attributes = {}  # eval root -> per-sample json attributes, read when forget_attributes asks for them
-
-    def run_eval(model: nn.Module, root: Optional[str] = None) -> dict:
-        root = root or cfg.eval_data
-        if cfg.forget_attributes and root not in attributes:
-            attributes[root] = load_attributes(root)
-        return evaluate(model, loaded.tokenizer, eval_set(root), cfg.forget_classes,
-                        attributes=attributes.get(root), forget_where=cfg.forget_attributes or None)
+    run_eval = _Evaluator(cfg, loaded)
 
     before = (run_state["before"] if resume_from else run_eval(student)) if main else None
     # Files appear only once the model and data have loaded: a refused input leaves no run behind.
@@ -425,41 +492,9 @@ def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1)
             torch.cuda.empty_cache()
     cache_s = time.perf_counter() - t_cache
 
-    encode_teacher = lambda x, t: (teacher.encode_image(x), teacher.encode_text(t))  # noqa: E731
-    if use_ds:
-        import deepspeed
-
-        from .ds_config import build_ds_config
-
-        ds_config = build_ds_config(cfg, world)
-        if main:
-            write_json(ds_config, out / "ds_config.json")
-        shapes = _scalar_params_for_deepspeed(student)
-        # The state dict's buffers (BN statistics, a frozen logit_scale) are never trained: kept as loaded.
-        params = {k for k, _ in student.named_parameters()}
-        buffers = {k: v.detach().cpu().clone() for k, v in student.state_dict().items() if k not in params}
-        towers = Towers(student, zero3=cfg.zero_stage == 3)
-        towers.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
-        # A client torch AdamW (no JIT-built DeepSpeed Adam) and the engine's own lr schedule.
-        engine, *_ = deepspeed.initialize(model=towers, optimizer=make_optimizer(towers.parameters(), cfg.lr, cfg.weight_decay),
-                                          config=ds_config,
-                                          lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_fn))
-        forward, stepper = engine, DeepSpeedStepper(engine)
-        if teacher is not None and not caches and cfg.zero_stage == 3:
-            # A live teacher under ZeRO-3 inference: its parameters sharded across ranks like the
-            # student's and gathered layer by layer in its forward, in the run's precision; no
-            # optimizer. (The cache, the default, needs no teacher at all during training.)
-            _scalar_params_for_deepspeed(teacher)
-            teacher_towers = Towers(teacher, zero3=True)
-            teacher_towers.input_dtype = towers.input_dtype
-            teacher_config = {k: v for k, v in ds_config.items() if k not in ("gradient_clipping", "zero_allow_untested_optimizer")}
-            teacher_engine, *_ = deepspeed.initialize(model=teacher_towers, config=teacher_config)
-            teacher_engine.eval()
-            encode_teacher = lambda x, t: teacher_engine(x, t)[:2]  # noqa: E731
-    else:
-        forward = towers = Towers(student)
-        stepper = TorchStepper(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, lr_fn=lr_fn,
-                               accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, module=student)
+    train = _build_training(cfg, student, teacher, live_teacher=not caches, use_ds=use_ds, world=world,
+                            ds_config_path=out / "ds_config.json" if main else None, lr_fn=lr_fn)
+    forward, stepper, encode_teacher = train.forward, train.stepper, train.encode_teacher
     if resume_from:
         stepper.load(resume_from)
         _set_rng_state(rank_state["rng"])
@@ -594,7 +629,7 @@ def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1)
     train_s = time.perf_counter() - t_train
     skipped = _skip_totals(streams, distributed, device)
     if use_ds:
-        state = _full_state_dict(towers, buffers, shapes)  # every rank takes part
+        state = _full_state_dict(train.towers, train.buffers, train.shapes)  # every rank takes part
         if not main:
             D.barrier()
             return None
