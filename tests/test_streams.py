@@ -199,3 +199,20 @@ def test_data_split_is_checked():
                for p in UnlearnConfig(data_split="rows").problems())
     with pytest.raises(ValueError, match="split: expected one of"):
         PairStream([], None, list, 2, split="rows")
+
+
+def test_by_shard_a_damaged_shard_is_counted_once_over_the_readers(tmp_path, monkeypatch):
+    shards = _write(tmp_path / "d", 40, 4)  # 10 shards of 4
+    Path(shards[6]).write_bytes(b"this is not a tar archive" * 40)  # samples 24-27 unreadable
+    kw = dict(workers=0, world=2, seed=9, split="shard")
+    opened = _reads(monkeypatch)
+    runs, openers = [], []
+    for rank in range(2):  # several epochs each
+        runs.append(_take(shards, 3, 40, rank=rank, **kw))
+        openers.append(opened.count(shards[6]))
+        opened.clear()
+    assert all(openers), f"both readers met the damaged shard in some epoch: {openers}"
+    seen = {x for got, _ in runs for b in got for x in b}
+    assert seen == set(range(40)) - {24, 25, 26, 27}
+    total = sum(batches.skipped()["unreadable_shard"] for _, batches in runs)
+    assert total == 1, [batches.skipped() for _, batches in runs]
