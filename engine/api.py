@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 import hashlib
 import importlib.metadata
 import json
@@ -14,6 +13,7 @@ import shutil
 import signal
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
