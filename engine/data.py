@@ -181,7 +181,7 @@ class PairStream(torch.utils.data.IterableDataset):
         pos = dict(start.get("readers", {}).get(str(role), {}))
         epoch, index, seen = pos.get("epoch", 0), pos.get("index", 0), pos.get("seen", 0)
         skipped = Counter(pos.get("skipped", {}))
-        bad_shards = dict(pos.get("bad_shards", {}))  # reader 0: shard path -> skip kind, each counted once
+        bad_shards = dict(pos.get("bad_shards", {}))  # shard path -> skip kind, kept by the reader that counts it
         readers, me = self.world * workers, self.rank * workers + role
         by_shard = self.by_shard(readers)
         reader = ShardReader([], check_images="none", check_samples=False)
@@ -213,7 +213,7 @@ class PairStream(torch.utils.data.IterableDataset):
                 texts.append(sample["txt"].decode("utf-8").strip())
                 ids.append((shard_ids[sample["__url__"]], sample["__ordinal__"]))
                 if len(texts) == self.batch_size:
-                    if (me == 0 and not by_shard) or (by_shard and epoch == 0):
+                    if (epoch == 0) if by_shard else (me == 0):  # who counts damaged shards: see the docstring
                         bad_shards.update({url: _shard_kind(why) for url, why in reader.bad_shards.items()})
                     counts = skipped + Counter(bad_shards.values())
                     position = {"role": role, "epoch": epoch, "index": index, "seen": seen,
