@@ -114,8 +114,22 @@ def begin_checkpoint(root: Path, step: int) -> Path:
     tmp = Path(root) / f".step_{step:08d}.partial"
     if tmp.exists():
         shutil.rmtree(tmp)
+    for leftover in Path(root).glob(".step_*.removing"):  # a removal a crash cut short
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Delete a complete checkpoint so that a crash midway cannot leave a `step_<N>` directory
+    with a manifest and missing files: renamed out of the `step_<N>` names first (atomic), then
+    deleted; begin_checkpoint clears what a crash leaves of it."""
+    doomed = path.parent / f".{path.name}.removing"
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    os.replace(path, doomed)
+    _fsync_dir(path.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def commit_checkpoint(tmp: Path, manifest: dict, *, keep: int) -> Path:
@@ -132,11 +146,11 @@ def commit_checkpoint(tmp: Path, manifest: dict, *, keep: int) -> Path:
     write_json({**manifest, "files": files}, tmp / MANIFEST)
     final = tmp.parent / f"step_{manifest['step']:08d}"
     if final.exists():  # a checkpoint of the same step from before a resume: same content by construction
-        shutil.rmtree(final)
+        _remove_checkpoint(final)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
     for old in complete_checkpoints(final.parent)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_checkpoint(old)
     return final
 
 

@@ -249,3 +249,35 @@ def test_resume_refuses_a_changed_setting(reference, tiny_data, tiny_checkpoint,
                   ["--set", "log_every=1", "--lr", "3e-4", "--resume"])
     assert result.returncode == 2
     assert "lr: the run being resumed has 0.0001, now 0.0003" in result.stderr
+
+
+def test_a_crash_while_removing_an_old_checkpoint_leaves_no_half_deleted_one(tmp_path, monkeypatch):
+    """keep_checkpoints prunes old checkpoints; a kill in the middle of deleting one must not leave
+    a `step_N` with its manifest and missing files (seen in the kill trials above)."""
+    from cliperase.engine import checkpoint as C
+
+    root = tmp_path / "checkpoints"
+
+    def make(step):
+        tmp = C.begin_checkpoint(root, step)
+        for name in ("a.pt", "b.pt", "c.pt"):
+            (tmp / name).write_bytes(os.urandom(64))
+        return C.commit_checkpoint(tmp, {"step": step}, keep=1)
+
+    make(1)
+    real_rmtree = C.shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):  # deletes one file, then the process is gone
+        next(p for p in sorted(Path(path).rglob("*")) if p.is_file()).unlink()
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(C.shutil, "rmtree", killed_midway)
+    with pytest.raises(SystemExit):
+        make(2)  # sealed, then killed while pruning step 1
+    monkeypatch.setattr(C.shutil, "rmtree", real_rmtree)
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000002"]
+    assert checkpoint_problem(root / "step_00000002") is None
+    assert list(root.glob(".step_*.removing")), "the half-deleted one is out of the step_N names"
+    make(3)
+    assert not list(root.glob(".step_*.removing")), "cleared by the next checkpoint write"
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000003"]
