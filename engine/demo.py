@@ -44,6 +44,10 @@ class DemoTask:
 DEMO_TASKS: Dict[str, DemoTask] = {
     "circle": DemoTask((DEMO_FORGET_CLASS,)),  # the demo: forget every circle
     "red-circle": DemoTask((DEMO_FORGET_CLASS,), (("colour", "red"),), breakdown="colour"),  # a subgroup only
+    # Two more subgroups, so that the subgroup method's defaults are not tuned to one: another
+    # colour of another class, and a subgroup cut by background rather than by the shape's colour.
+    "blue-square": DemoTask(("square",), (("colour", "blue"),), breakdown="colour"),
+    "star-on-black": DemoTask(("star",), (("background", "black"),), breakdown="background"),
 }
 _PRETRAIN_VERSION = "v3"  # bump when the generator, the loader order or the pretraining recipe changes
 

@@ -17,9 +17,9 @@ scored with the same code, and --output-dir gets:
   forget_vs_retain.png       final forget vs retain zero-shot accuracy per method
   accuracy_curves.png        forget and retain zero-shot accuracy over steps per method (eval.jsonl)
   similarity.png             forget-pair cosine distributions, original vs each method
-With --breakdown ATTR (the red-circle task sets colour) compare.md gets a second table: zero-shot
-accuracy of the forget classes' eval images split by that json attribute (red circles, blue
-circles, ...), images outside the forget classes, and each method's largest drop on a sibling
+With --breakdown ATTR (a subgroup task sets its own: colour, background) compare.md gets a second
+table: zero-shot accuracy of the forget classes' eval images split by that json attribute (red
+circles, blue circles, ...), images outside the forget classes, and each method's largest drop on a sibling
 (a value the forget_attributes do not select) against the original.
 MIA: a similarity-threshold attack, forget pairs (members) vs never-seen pairs of the same
 distribution (--holdout-data shards; the embedded default generates them with another seed;
@@ -46,6 +46,7 @@ _HOLDOUT_SEED = 7919  # the embedded default's never-seen pairs: a seed neither 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cliperase.engine.demo import DEMO_TASKS
     from cliperase.engine.methods import METHODS
 
     p = argparse.ArgumentParser(prog="compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-pairs", type=int, default=1000, help="forget / never-seen pairs scored for the histograms and MIA (default 1000)")
     a("--output-dir", default="runs/compare", help="where the runs and the comparison go (default runs/compare)")
     a("--overwrite", action="store_true", help="allow --output-dir to hold earlier runs")
-    a("--task", help="embedded default only: what to forget, one of the demo tasks (circle: every circle, the "
-                     "default; red-circle: red circles only, other circles kept)")
+    subgroups = ", ".join(t for t, d in DEMO_TASKS.items() if d.where)
+    a("--task", help=f"embedded default only: what to forget, one of the demo tasks: circle (every circle, the "
+                     f"default) or a subgroup of one class, the rest of it kept ({subgroups})")
     a("--breakdown", metavar="ATTR", help="split the forget classes' zero-shot accuracy by this attribute of the eval "
                                           "set's {key}.json (default: the demo task's, e.g. colour)")
     a("--no-progress", action="store_true", help="no progress bars")
