@@ -19,8 +19,8 @@ scored with the same code, and --output-dir gets:
   similarity.png             forget-pair cosine distributions, original vs each method
 With --breakdown ATTR (a subgroup task sets its own: colour, background) compare.md gets a second
 table: zero-shot accuracy of the forget classes' eval images split by that json attribute (red
-circles, blue circles, ...), images outside the forget classes, and each method's largest drop on a sibling
-(a value the forget_attributes do not select) against the original.
+circles, blue circles, ...), images outside the forget classes, and each method's largest drop on
+a sibling (a value the forget_attributes do not select) against the original.
 MIA: a similarity-threshold attack, forget pairs (members) vs never-seen pairs of the same
 distribution (--holdout-data shards; the embedded default generates them with another seed;
 otherwise the eval set's forget-class images and captions). AUC 0.5 = cannot tell them apart.
