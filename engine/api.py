@@ -217,10 +217,10 @@ def _init_distributed(device: torch.device) -> None:
     import deepspeed
 
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend)
-    elif D.launched():
+    if torch.distributed.is_initialized() or D.launched():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        if backend == "gloo":  # the segments are the CPU accelerator's; no barrier before a CUDA device is set
+            _unlink_shm_allreduce_segments()
     else:
         import socket
 
@@ -232,6 +232,22 @@ def _init_distributed(device: torch.device) -> None:
         # unset, so later runs in this process are not mistaken for launched ones.
         os.environ.setdefault("LOCAL_RANK", "0")
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def _unlink_shm_allreduce_segments() -> None:
+    """DeepSpeed's CPU shared-memory allreduce (its `deepspeed_shm_comm` op, used when every rank
+    is on one machine) creates a 66 MB segment per rank in /dev/shm and never unlinks it, so each
+    CPU launcher run left world_size x 66 MB of RAM behind until reboot (a day of test runs here:
+    296 segments, 20 GB, then the OOM killer). init_distributed returns once this rank has mapped
+    every peer's segment; after a barrier all ranks have, so the names can go: the mappings stay
+    valid, and the memory is freed when the processes exit, killed ones included."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not (addr and port and torch.distributed.is_initialized()):
+        return
+    torch.distributed.barrier()
+    # deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> in 0.19.8; the * also takes a name without the uid.
+    for seg in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*{addr}_{port}_{torch.distributed.get_rank()}"):
+        seg.unlink(missing_ok=True)
 
 
 def _scalar_params_for_deepspeed(clip: nn.Module) -> Dict[str, torch.Size]:

@@ -270,6 +270,11 @@ def test_zero_stage_without_launcher_equals_plain_torch(tiny_data, tiny_vit_chec
     assert json.loads((out / "ds_config.json").read_text())["train_batch_size"] == 8
 
 
+def _shm_segments(port: int) -> list:
+    """DeepSpeed's CPU allreduce segments of a launcher run on `port` left in /dev/shm (66 MB each)."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_launcher_two_ranks_match_one_process(stage, tiny_data, tiny_vit_checkpoint, single_process_run,  # noqa: F811
@@ -285,8 +290,10 @@ def test_deepspeed_launcher_two_ranks_match_one_process(stage, tiny_data, tiny_v
     # Stage 3 also recomputes activations (grad checkpointing): fp32 recompute is exact; and its
     # teacher runs live under ZeRO-3 inference (sharded) against the cached one of the 1-process run.
     extra = ["--grad-checkpointing", "--set", "teacher=live"] if stage == 3 else []
-    _run([str(deepspeed), "--num_gpus", "2", "--master_port", str(_free_port()), "launch/unlearn.py",
+    port = _free_port()
+    _run([str(deepspeed), "--num_gpus", "2", "--master_port", str(port), "launch/unlearn.py",
           *_args(tiny_data, tiny_vit_checkpoint, out, 4, "--zero-stage", str(stage), *extra)])
+    assert not _shm_segments(port), "DeepSpeed's shared-memory allreduce buffers outlived the run"
     _assert_same_trajectory(_losses(out), _losses(single_process_run))
     ds = json.loads((out / "ds_config.json").read_text())
     assert ds["train_batch_size"] == 8 and ds["train_micro_batch_size_per_gpu"] == 4
@@ -326,9 +333,11 @@ def test_deepspeed_zero3_killed_and_resumed_ends_at_the_uninterrupted_weights(ti
     _run([*deepspeed, "--master_port", str(_free_port()), "launch/unlearn.py", *args(ref)])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TRITON_INTERPRET")}
     env["FAULT"] = json.dumps({"kind": "kill_after_checkpoint", "call": 1})
-    killed = subprocess.run([*deepspeed, "--master_port", str(_free_port()), "tests/fault_runner.py", *args(out)],
+    port = _free_port()
+    killed = subprocess.run([*deepspeed, "--master_port", str(port), "tests/fault_runner.py", *args(out)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert killed.returncode != 0
+    assert not _shm_segments(port), "a killed run's shared-memory allreduce buffers stayed in RAM"
     assert (out / "log.jsonl").is_file(), killed.stderr[-4000:]
     assert [json.loads(r)["step"] for r in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
     assert not (out / "model.pt").exists() and (out / "checkpoints" / "step_00000002" / "manifest.json").is_file()
