@@ -11,7 +11,7 @@ import os
 import pytest
 
 from cliperase.engine import unlearn
-from cliperase.engine.demo import demo_config, prepare_demo
+from cliperase.engine.tools.demo import demo_config, prepare_demo
 
 
 @pytest.mark.slow

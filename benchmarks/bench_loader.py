@@ -53,8 +53,8 @@ import torch
 from PIL import Image
 
 from cliperase.engine.data import PairStream, ShardReader
-from cliperase.engine.preprocess import FastPreprocess, FastTokenizer
-from cliperase.engine.synthetic import _encode, generate
+from cliperase.engine.data.preprocess import FastPreprocess, FastTokenizer
+from cliperase.engine.tools.synthetic import _encode, generate
 
 N = 10_000
 SHARD_SIZE = 2_500

@@ -18,7 +18,7 @@ import pytest
 from cliperase.engine import UnlearnConfig, unlearn
 from cliperase.engine.checkpoint import export_open_clip
 from cliperase.engine.models import load_model
-from cliperase.engine.synthetic import write_default
+from cliperase.engine.tools.synthetic import write_default
 
 MODEL, STEPS, BATCH = "ViT-B-32", 8, 8
 _step_s = {}

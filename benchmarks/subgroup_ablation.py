@@ -56,8 +56,7 @@ def run_row(task: str, name: str, fields: dict, work: Path) -> dict:
 
     from cliperase.engine import unlearn
     from cliperase.engine.data import load_eval_set
-    from cliperase.engine.demo import DEMO_TASKS, demo_config
-    from cliperase.engine.evaluate import load_attributes
+    from cliperase.engine.tools.demo import DEMO_TASKS, demo_config
     from cliperase.engine.models import load_model
 
     out = work / f"run{abs(hash((task, name)))}"
@@ -68,7 +67,7 @@ def run_row(task: str, name: str, fields: dict, work: Path) -> dict:
     loaded = load_model(cfg.model, str(out / "model.pt"))
     ev = load_eval_set(cfg.eval_data, loaded.preprocess)
     (cls,), ((by, forgotten),) = DEMO_TASKS[task].classes, DEMO_TASKS[task].where
-    b = breakdown_scores(loaded.model.eval(), loaded.tokenizer, ev, load_attributes(cfg.eval_data), by, cfg)
+    b = breakdown_scores(loaded.model.eval(), loaded.tokenizer, ev, ev.attributes, by, cfg)
     details = report.get("method_details", {})
     soup = details.get("soup", {})
     before = next((t for t in soup.get("tried", []) if t["a"] == 1.0), None)
@@ -104,7 +103,7 @@ def markdown(rows: list) -> str:
 
 
 def main() -> None:
-    from cliperase.engine.demo import DEMO_TASKS
+    from cliperase.engine.tools.demo import DEMO_TASKS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", required=True, help="JSON-lines file the rows are appended to")

@@ -1,6 +1,7 @@
 """cliperase's engine: `unlearn(UnlearnConfig(...))` makes an open_clip model forget.
 
-Importing this package builds nothing and touches no device.
+Importing this package builds nothing and touches no device. docs/ARCHITECTURE.md says what each
+part owns and where to add a method, a kernel, a data source or a metric.
 """
 from .api import unlearn
 from .config import UnlearnConfig

@@ -1,21 +1,36 @@
-"""Crash-safe writes, training checkpoints, and open_clip-loadable exports."""
+"""Crash-safe writes, training checkpoints (their directories, manifests, and what resuming from
+one needs: which to take, whether the run may continue from it, RNG state), and
+open_clip-loadable exports."""
 from __future__ import annotations
 
 import contextlib
 import errno
 import hashlib
+import importlib.metadata
 import json
+import logging
 import os
+import platform
+import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["atomic_write_bytes", "atomic_save", "write_json", "export_open_clip", "CHECKPOINTS", "begin_checkpoint",
-           "commit_checkpoint", "complete_checkpoints", "checkpoint_problem", "find_checkpoint", "read_manifest"]
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import UnlearnConfig
+
+__all__ = ["atomic_write_bytes", "atomic_save", "write_json", "write_errors", "export_open_clip", "CHECKPOINTS",
+           "begin_checkpoint", "commit_checkpoint", "complete_checkpoints", "checkpoint_problem", "find_checkpoint",
+           "read_manifest", "library_versions", "input_fingerprint", "resume_problems", "find_resume_point",
+           "rng_state", "set_rng_state"]
+
+log = logging.getLogger("cliperase")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -205,3 +220,79 @@ def find_checkpoint(output_dir: Path, which: str) -> Tuple[Optional[Path], List[
 
 def read_manifest(path: Path) -> dict:
     return json.loads((Path(path) / MANIFEST).read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming: which checkpoint, whether this run may continue it, and the state beside the weights.
+
+def library_versions() -> dict:
+    """Python, torch, open_clip and (when installed) deepspeed versions, for run.json and manifests."""
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name, dist in (("open_clip", "open_clip_torch"), ("deepspeed", "deepspeed")):
+        try:  # metadata, not an import: importing deepspeed costs seconds on runs that do not use it
+            versions[name] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def input_fingerprint(path: Optional[str]) -> Optional[dict]:
+    """Size and modification time of a local pretrained checkpoint: a resumed run checks that
+    its original model is the same file (hashing a multi-GB file on every start would cost more)."""
+    if path is None or not Path(path).is_file():
+        return None
+    st = Path(path).stat()
+    return {"path": str(Path(path).resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def resume_problems(trajectory: dict, pretrained: Optional[str], saved: dict, world: int) -> List[str]:
+    """Why a run saved as `saved` (run.json or a checkpoint manifest) cannot be continued by a run
+    whose trajectory-determining config is `trajectory` (config.trajectory_fields)."""
+    problems = []
+    old = saved.get("config", {})
+    for key in sorted(set(old) | set(trajectory)):
+        if key in trajectory and old.get(key, trajectory[key]) != trajectory[key]:
+            problems.append(f"{key}: the run being resumed has {old.get(key)!r}, now {trajectory[key]!r} "
+                            "(a resumed run must keep every setting that changes its result)")
+    if saved.get("world_size", world) != world:
+        problems.append(f"world size: the run being resumed ran on {saved['world_size']} ranks, now {world}")
+    if saved.get("pretrained_file") and saved["pretrained_file"] != input_fingerprint(pretrained):
+        problems.append(f"pretrained: {pretrained} is not the file the run started from "
+                        f"(size or modification time changed: {saved['pretrained_file']})")
+    return problems
+
+
+def find_resume_point(resume: Optional[str], out: Path, trajectory: dict, pretrained: Optional[str],
+                      world: int) -> Optional[Path]:
+    """The checkpoint to continue from (None: start from step 0). Raises ConfigError when
+    `resume` names an unusable checkpoint or the saved run differs from this one."""
+    if resume is None:
+        return None
+    path, passed_over = find_checkpoint(out, resume)
+    for problem in passed_over:
+        log.warning("resume: passing over a checkpoint: %s", problem)
+    if path is None:
+        if resume != "latest":
+            raise ConfigError([f"resume: {p}" for p in passed_over])
+        log.warning("resume: no complete checkpoint in %s; starting from step 0", out / CHECKPOINTS)
+    saved = read_manifest(path) if path is not None else None
+    if saved is None and (out / "run.json").is_file():
+        saved = json.loads((out / "run.json").read_text())
+    problems = resume_problems(trajectory, pretrained, saved, world) if saved else []
+    if problems:
+        raise ConfigError(problems)
+    return path
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

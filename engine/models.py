@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .errors import ConfigError
 
-__all__ = ["LoadedModel", "register_configs", "available_models", "check_model_spec", "checkpoint_file_problems", "load_model"]
+__all__ = ["LoadedModel", "register_configs", "available_models", "check_model_spec", "checkpoint_file_problems", "load_model",
+           "Towers", "train_mode"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz")
@@ -210,3 +211,43 @@ def load_model(name: str, pretrained: Optional[str] = None, *, device: str | tor
         raise
     model.eval()
     return LoadedModel(model, preprocess, open_clip.get_tokenizer(name), name, pretrained)
+
+
+class Towers(nn.Module):
+    """The training forward: `forward(images, texts)` returns the CLIP's raw (unnormalised) image
+    and text features, fp32, and its exponentiated temperature (None when frozen). DeepSpeed wraps
+    this module.
+
+    Being the top-level module matters under ZeRO-3, which gathers a module's parameters when its
+    forward runs: the CLIP's own top-level parameters (text_projection, positional_embedding...)
+    are used by encode_text outside any submodule's forward, so with `zero3` they are registered
+    as external parameters of this module (PITFALLS 2). `input_dtype` is the dtype the image
+    tower computes in (bf16/fp16 runs).
+    """
+
+    def __init__(self, clip: nn.Module, *, zero3: bool = False, input_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.clip = clip
+        self.input_dtype = input_dtype
+        if zero3:
+            import deepspeed
+
+            for param in clip.parameters(recurse=False):
+                deepspeed.zero.register_external_parameter(self, param)
+
+    def forward(self, images: Tensor, texts: Tensor):
+        img = self.clip.encode_image(images.to(self.input_dtype))
+        txt = self.clip.encode_text(texts)
+        scale = self.clip.logit_scale
+        scale = scale.exp().reshape(()) if scale.requires_grad else None
+        return img.float(), txt.float(), scale
+
+
+def train_mode(model: nn.Module) -> None:
+    """Train mode, but BatchNorm (ResNet towers) stays in eval mode: its running statistics are
+    the original model's, small forget/retain batches would corrupt them, and the consistency
+    term compares against a teacher that normalises with those same statistics."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()

@@ -25,11 +25,11 @@ from typing import Callable, List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from . import distributed as D
+from . import dist as D
 from .checkpoint import atomic_save, write_json
 from .data import ShardReader, decode_image, sample_image, split_preprocess
+from .progress import progress_bar
 
 __all__ = ["TeacherCache", "teacher_fingerprint"]
 
@@ -115,7 +115,7 @@ def _embed_shards(where: Path, shards: List[Tuple[int, str]], teacher: nn.Module
     was_training = teacher.training
     teacher.eval()
     fast = split_preprocess(preprocess)  # the training streams' own pixels (data.PairStream)
-    bar = tqdm(total=len(shards), desc=desc, unit="shard", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(shards), desc=desc, unit="shard", enabled=progress)
     for index, url in shards:
         reader = ShardReader([url], check_images="none", check_samples=False)
         ordinals, images, texts = [], [], []

@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
-__all__ = ["GpuSampler", "DataWaitTimer", "METRICS"]
+__all__ = ["GpuSampler", "DataWaitTimer", "METRICS", "tensorboard_writer"]
 
 log = logging.getLogger("cliperase.telemetry")
 
@@ -257,3 +257,15 @@ class DataWaitTimer:
     def reset(self) -> None:
         self.wait_s = self.step_s = 0.0
         self.steps = self.fetches = 0
+
+
+def tensorboard_writer(log_dir):
+    """A SummaryWriter, or None (said once) when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        if "tensorboard" not in _warned:
+            _warned.add("tensorboard")
+            log.warning("tensorboard is not installed: no TensorBoard curves (log.jsonl and eval.jsonl have them)")
+        return None
+    return SummaryWriter(str(log_dir))

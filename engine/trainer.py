@@ -1,13 +1,14 @@
-"""The one training loop: every method and pretraining step through it.
+"""What a training loop hands the update to, and what it checks.
 
-A step function returns named losses (with "loss" the one to minimise); the loop owns
-progress, logging and the finiteness check, and hands backward and the optimizer step to a
-Stepper: `TorchStepper` (AdamW + the lr schedule on plain parameters) or `DeepSpeedStepper`
-(`engine.backward(loss); engine.step()`). Host syncs happen only on log steps.
+A Stepper does backward and the optimizer step, once per micro-batch as DeepSpeed does:
+`TorchStepper` (AdamW + the lr schedule on plain parameters) or `DeepSpeedStepper`
+(`engine.backward(loss); engine.step()`). `LossLog` averages a step's micro-batch losses, brings
+them to the host on log steps only (the loop's one routine sync) and writes log.jsonl;
+`NonFiniteLoss` is what it raises for a NaN/Inf. The loops themselves are the recipe's `train`
+(engine/recipe.py) and pretraining's (engine/tools/pretrain.py).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -16,10 +17,9 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-__all__ = ["NonFiniteLoss", "make_optimizer", "lr_factor", "TorchStepper", "DeepSpeedStepper", "train_loop",
-           "resolve_device"]
+__all__ = ["NonFiniteLoss", "make_optimizer", "lr_factor", "TorchStepper", "DeepSpeedStepper", "LossLog",
+           "check_gradients", "resolve_device"]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -155,84 +155,60 @@ class DeepSpeedStepper:
         return dict(zip(losses, stacked / dist.get_world_size()))
 
 
-def train_loop(
-    params: Optional[Iterable[nn.Parameter]],
-    step_fn: Callable[[], Dict[str, Tensor]],
-    *,
-    steps: int,
-    lr: float,
-    weight_decay: float = 0.0,
-    warmup_steps: int = 0,
-    schedule: str = "constant",
-    log_every: int = 10,
-    log_path: Optional[Path] = None,
-    desc: str = "train",
-    progress: bool = True,
-    stepper=None,
-    accum_steps: int = 1,
-    timer=None,
-    on_step: Optional[Callable[[int, Optional[dict]], None]] = None,
-    start_step: int = 0,
-) -> List[dict]:
-    """Run `steps` optimizer steps of `accum_steps` micro-batches each; returns the logged rows
-    (step, lr, each named loss averaged over the step's micro-batches, rate).
+def check_gradients(stepper, step: int, losses: Dict[str, Tensor]) -> None:
+    """Raise NonFiniteLoss when a gradient holds a NaN/Inf, before the update applies it: naming
+    the non-finite loss terms, else the parameters. A host sync: called on log steps only."""
+    bad = stepper.nonfinite_grads()
+    if not bad:
+        return
+    values = {k: v.item() for k, v in losses.items()}
+    terms = [k for k, v in values.items() if not math.isfinite(v)]
+    raise NonFiniteLoss(f"step {step}: non-finite loss term(s) {terms}: {values}" if terms
+                        else f"step {step}: non-finite gradient in {len(bad)} parameter(s), "
+                        f"e.g. {bad[:3]}; the losses were finite")
 
-    `on_step(step, row)`: called after every optimizer step (1-based) with the logged row on log
-    steps, else None: periodic evaluation and TensorBoard hang here, not in the loop.
-    `timer`: a telemetry.DataWaitTimer whose `step()` times each optimizer step (for the share
-    of step time spent waiting for data), or None.
-    `stepper`: a TorchStepper or DeepSpeedStepper; None builds a TorchStepper over `params`
-    with `lr`, `weight_decay` and the schedule. `start_step`: optimizer steps already done (a
-    resumed run; the stepper's state restored), the loop runs the rest. Raises NonFiniteLoss at the first log step whose
-    losses are not all finite.
+
+class LossLog:
+    """A step's losses, averaged over its micro-batches on the device, and the logged rows.
+
+    `add(losses)` per micro-batch (detached; no sync); `row(step, stepper)` on a log step brings
+    the step's means to the host (through `stepper.for_log`, the global batch's under DeepSpeed),
+    raises NonFiniteLoss for a NaN/Inf, and appends the row (step, lr, each loss, steps/s,
+    elapsed s) to `rows` and to `path` (log.jsonl) when given.
     """
-    if stepper is None:
-        schedule_fn = lambda s: lr_factor(s, steps=steps, warmup_steps=warmup_steps, schedule=schedule)  # noqa: E731
-        stepper = TorchStepper(params, lr=lr, weight_decay=weight_decay, lr_fn=schedule_fn, accum_steps=accum_steps)
-    history: List[dict] = []
-    log = open(log_path, "a") if log_path else None
-    t0 = last_t = time.perf_counter()
-    last_step = start_step
-    try:
-        bar = tqdm(range(start_step, steps), desc=desc, disable=not progress, dynamic_ncols=True, initial=start_step,
-                   total=steps)
-        for step in bar:
-            with timer.step() if timer is not None else contextlib.nullcontext():
-                log_step = (step + 1) % log_every == 0 or step + 1 == steps
-                for micro in range(accum_steps):
-                    micro_losses = step_fn()
-                    stepper.backward(micro_losses["loss"])
-                    if log_step and micro == accum_steps - 1:
-                        # Before the update: a NaN/Inf gradient must not reach the weights.
-                        bad = stepper.nonfinite_grads()
-                        if bad:
-                            values = {k: v.item() for k, v in micro_losses.items()}
-                            terms = [k for k, v in values.items() if not math.isfinite(v)]
-                            raise NonFiniteLoss(f"step {step + 1}: non-finite loss term(s) {terms}: {values}" if terms
-                                                else f"step {step + 1}: non-finite gradient in {len(bad)} parameter(s), "
-                                                f"e.g. {bad[:3]}; the losses were finite")
-                    stepper.step()
-                    detached = {k: v.detach() for k, v in micro_losses.items()}
-                    losses = detached if micro == 0 else {k: losses[k] + v for k, v in detached.items()}
-            if accum_steps > 1:
-                losses = {k: v / accum_steps for k, v in losses.items()}
-            if log_step:
-                values = {k: v.item() for k, v in stepper.for_log(losses).items()}  # the loop's only host sync
-                bad = [k for k, v in values.items() if not math.isfinite(v)]
-                if bad:
-                    raise NonFiniteLoss(f"step {step + 1}: non-finite loss term(s) {bad}: {values}")
-                now = time.perf_counter()
-                row = {"step": step + 1, "lr": stepper.lr, **values,
-                       "steps_per_s": (step + 1 - last_step) / max(now - last_t, 1e-9), "elapsed_s": now - t0}
-                last_t, last_step = now, step + 1
-                history.append(row)
-                bar.set_postfix(loss=f"{values['loss']:.4f}")
-                if log:
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-            if on_step is not None:
-                on_step(step + 1, history[-1] if history and history[-1]["step"] == step + 1 else None)
-    finally:
-        if log:
-            log.close()
-    return history
+
+    def __init__(self, path: Optional[Path] = None, rows: Optional[List[dict]] = None, *, start_step: int = 0):
+        self.path, self.rows = path, list(rows or [])
+        self._sums: Dict[str, Tensor] = {}
+        self._count = 0
+        self._t0 = self._last_t = time.perf_counter()
+        self._last_step = start_step
+
+    def restart_clock(self) -> None:
+        """Rates and elapsed times count from now (the loop's start), not from construction."""
+        self._t0 = self._last_t = time.perf_counter()
+
+    def add(self, losses: Dict[str, Tensor]) -> None:
+        detached = {k: v.detach() for k, v in losses.items()}
+        self._sums = detached if not self._count else {k: self._sums[k] + v for k, v in detached.items()}
+        self._count += 1
+
+    def row(self, step: int, stepper) -> dict:
+        means = {k: v / self._count for k, v in self._sums.items()} if self._count > 1 else self._sums
+        values = {k: v.item() for k, v in stepper.for_log(means).items()}  # the loop's only routine host sync
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            raise NonFiniteLoss(f"step {step}: non-finite loss term(s) {bad}: {values}")
+        now = time.perf_counter()
+        row = {"step": step, "lr": stepper.lr, **values,
+               "steps_per_s": (step - self._last_step) / max(now - self._last_t, 1e-9), "elapsed_s": now - self._t0}
+        self._last_t, self._last_step = now, step
+        self.rows.append(row)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return row
+
+    def next_step(self) -> None:
+        """Forget the finished step's sums (call after each optimizer step)."""
+        self._sums, self._count = {}, 0

@@ -35,20 +35,27 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-if __package__ in (None, ""):  # run as a script (python launch/compare.py)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from cliperase.engine import ConfigError, UnlearnConfig, unlearn  # noqa: E402
-from cliperase.engine.config import config_overrides  # noqa: E402
+from cliperase.engine import ConfigError, UnlearnConfig, unlearn
+from cliperase.engine.checkpoint import write_json
+from cliperase.engine.config import all_keys, config_overrides, keys_for, method_names
+from cliperase.engine.data import load_eval_set
+from cliperase.engine.eval import (attribute_mask, embed_eval_set, forget_mask, parse_attributes, split_metrics,
+                                   zeroshot_breakdown)
+from cliperase.engine.eval.forget import (load_pairs, membership_inference_auc, pair_similarities,
+                                          plot_similarity_histograms, similarity_histogram)
+from cliperase.engine.eval.metrics import zeroshot_accuracy
+from cliperase.engine.methods import METHODS
+from cliperase.engine.models import load_model
+from cliperase.engine.preflight import problems as config_problems
+from cliperase.engine.tools.demo import DEMO_TASKS, demo_fields
+from cliperase.engine.tools.synthetic import generate, write_pairs
+from cliperase.engine.trainer import NonFiniteLoss, resolve_device
 
 _DATA_FLAGS = ("model", "pretrained", "forget_data", "retain_data", "eval_data", "forget_classes")
 _HOLDOUT_SEED = 7919  # the embedded default's never-seen pairs: a seed neither train (0) nor eval (1) uses
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cliperase.engine.demo import DEMO_TASKS
-    from cliperase.engine.methods import METHODS
-
     p = argparse.ArgumentParser(prog="compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--methods", default=",".join(METHODS), help=f"comma-separated methods (default: all, {','.join(METHODS)})")
@@ -78,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def base_config(args: argparse.Namespace) -> Tuple[UnlearnConfig, bool]:
-    """The config every method shares, and whether it is the embedded default."""
+def base_fields(args: argparse.Namespace) -> Tuple[dict, bool]:
+    """The config keys every method shares (run fields and method options, for whichever methods
+    take them), and whether they are the embedded default's."""
     given = config_overrides(args.config, args.set)
     for name in ("model", "pretrained", "forget_data", "retain_data", "eval_data", "steps", "batch_size", "lr", "seed"):
         if getattr(args, name) is not None:
@@ -87,15 +95,31 @@ def base_config(args: argparse.Namespace) -> Tuple[UnlearnConfig, bool]:
     if args.forget_classes is not None:
         given["forget_classes"] = [c.strip() for c in args.forget_classes.split(",") if c.strip()]
     given.pop("method", None)
+    given.setdefault("output_dir", args.output_dir)
     if not any(k in given for k in _DATA_FLAGS):
-        from cliperase.engine.demo import demo_config
-
-        given.setdefault("output_dir", args.output_dir)
-        return demo_config(progress=not args.no_progress, task=args.task or "circle", **given), True
+        return demo_fields(progress=not args.no_progress, task=args.task or "circle", **given), True
     if args.task:
         raise ConfigError(["--task: chooses a task of the embedded default; give it without data flags"])
-    given.setdefault("output_dir", args.output_dir)
-    return UnlearnConfig.from_dict(given), False
+    return given, False
+
+
+def method_configs(given: dict, methods: List[str], is_demo: bool, overwrite: bool) -> Dict[str, UnlearnConfig]:
+    """One config per method: the shared keys it takes, its own run folder, curves every ~10%.
+    Raises ConfigError for an option key that none of the methods takes (it would change nothing)."""
+    options = {k for k in given if k in all_keys()} - set(UnlearnConfig.__dataclass_fields__)
+    unused = sorted(k for k in options if not any(k in keys_for(m, given) for m in methods))
+    if unused and not is_demo:  # the demo's own defaults (calibration_data) serve whichever method needs them
+        raise ConfigError([f"{k}: an option of none of the compared methods ({', '.join(methods)}); "
+                           "it would change nothing" for k in unused])
+    shared = UnlearnConfig.from_dict({k: v for k, v in given.items() if k not in options})
+    out = Path(shared.output_dir)
+    # eval_every: about ten points on each accuracy curve unless the user chose otherwise.
+    eval_every = shared.eval_every or (max(1, shared.steps // 10) if shared.zero_stage == 0 and shared.precision == "fp32"
+                                       else 0)
+    return {m: UnlearnConfig.from_dict({**keys_for(m, given), "method": m, "output_dir": str(out / m),
+                                        "overwrite": overwrite, "eval_every": eval_every,
+                                        "log_every": min(shared.log_every, max(1, shared.steps // 30))})
+            for m in methods}
 
 
 def _read_log(path: Path) -> List[dict]:
@@ -106,14 +130,9 @@ def _read_log(path: Path) -> List[dict]:
 
 def nonmember_pairs(cfg: UnlearnConfig, args, is_demo: bool, preprocess, out: Path, n: int):
     """(images, captions, source) of never-seen pairs like the forget pairs, or None."""
-    from cliperase.engine.forget_metrics import load_pairs
-
     if args.holdout_data:
         return (*load_pairs(args.holdout_data, preprocess, limit=n, what="holdout_data"), args.holdout_data)
     if is_demo:
-        from cliperase.engine.demo import DEMO_TASKS
-        from cliperase.engine.synthetic import generate, write_pairs
-
         task = args.task or "circle"
         shards = out / ("holdout" if task == "circle" else f"holdout-{task}")
         if not list(shards.glob("*.tar")):
@@ -121,9 +140,6 @@ def nonmember_pairs(cfg: UnlearnConfig, args, is_demo: bool, preprocess, out: Pa
             # the only difference from the forget pairs is that no model was trained on these.
             write_pairs(generate(n, _HOLDOUT_SEED, **DEMO_TASKS[task].generate_kwargs(), prefix="holdout-"), shards)
         return (*load_pairs(str(shards), preprocess, limit=n, what="holdout"), f"generated (seed {_HOLDOUT_SEED})")
-    from cliperase.engine.data import load_eval_set
-    from cliperase.engine.evaluate import forget_mask
-
     ev = load_eval_set(cfg.eval_data, preprocess)
     keep = [i for i in forget_mask(ev, cfg.forget_classes).nonzero().flatten().tolist() if ev.captions[i]][:n]
     if not keep:
@@ -133,21 +149,16 @@ def nonmember_pairs(cfg: UnlearnConfig, args, is_demo: bool, preprocess, out: Pa
 
 def score_model(model, tokenizer, forget, nonmember, heldout) -> dict:
     """Forget-pair cosines, MIA and held-out zero-shot acc of one model."""
-    from cliperase.engine.evaluate import embed_eval_set, zeroshot_metrics
-    from cliperase.engine.forget_metrics import membership_inference_auc, pair_similarities
-
-    import torch
-
     out: dict = {"forget_sims": pair_similarities(model, tokenizer, *forget)}
     if nonmember is not None:
         out["nonmember_sims"] = pair_similarities(model, tokenizer, nonmember[0], nonmember[1])
         out["mia"] = membership_inference_auc(out["forget_sims"], out["nonmember_sims"])
     out["heldout"] = {}
     for name, ev in heldout.items():
-        emb = embed_eval_set(model, tokenizer, ev)
-        if emb.classifier is not None:
-            m = zeroshot_metrics(emb.image_emb, emb.classifier, ev.labels, torch.zeros(len(ev.labels), dtype=torch.bool))
-            out["heldout"][name] = m["acc1"]
+        metrics = split_metrics(embed_eval_set(model, tokenizer, ev), ev, forget_mask(ev, []),
+                                tasks=["zeroshot_classification"])
+        if metrics:
+            out["heldout"][name] = metrics["zeroshot_classification"]["acc1"]
     return out
 
 
@@ -155,9 +166,6 @@ def breakdown_scores(model, tokenizer, ev, attributes, by: str, cfg: UnlearnConf
     """Zero-shot accuracy of the forget classes' eval images split by attribute `by`
     ({class: {value: {"acc", "n"}}}), of the images outside the forget classes ("other_acc") and of
     those split by `by` too ("other_by": {value: {"acc", "n"}}: red squares, red stars... together)."""
-    from cliperase.engine.evaluate import (attribute_mask, embed_eval_set, forget_mask, zeroshot_accuracy,
-                                           zeroshot_breakdown)
-
     emb = embed_eval_set(model, tokenizer, ev)
     in_classes = forget_mask(ev, cfg.forget_classes)
     by_class = zeroshot_breakdown(emb.image_emb, emb.classifier, ev.labels, attributes, by, ev.classnames,
@@ -286,40 +294,29 @@ def plot_forget_vs_retain(rows: List[dict], path: Path) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from cliperase.engine.methods import METHODS
-
     args = build_parser().parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     try:
         if unknown or not methods:
-            raise ConfigError([f"--methods: unknown {unknown or 'none given'}; available: {', '.join(METHODS)}"])
+            raise ConfigError([f"--methods: unknown {unknown or 'none given'}; available: {', '.join(method_names())}"])
         if args.max_pairs <= 0:
             raise ConfigError([f"--max-pairs: expected a positive integer, got {args.max_pairs}"])
-        base, is_demo = base_config(args)
-        out = Path(base.output_dir)
-        overwrite = args.overwrite or is_demo or base.overwrite
-        # Validate every method's config before the first run, so a typo fails in seconds.
-        # eval_every: about ten points on each accuracy curve unless the user chose otherwise.
-        eval_every = base.eval_every or (max(1, base.steps // 10) if base.zero_stage == 0 and base.precision == "fp32" else 0)
-        configs = {m: replace(base, method=m, output_dir=str(out / m), overwrite=overwrite, eval_every=eval_every,
-                              log_every=min(base.log_every, max(1, base.steps // 30))) for m in methods}
-        problems = [f"{m}: {p}" for m, c in configs.items() for p in c.problems()]
+        given, is_demo = base_fields(args)
+        overwrite = args.overwrite or is_demo or bool(given.get("overwrite"))
+        configs = method_configs(given, methods, is_demo, overwrite)
+        # Every method's config is checked before the first run, so a typo fails in seconds.
+        problems = [f"{m}: {p}" for m, c in configs.items() for p in config_problems(c)]
         if problems:
             raise ConfigError(problems)
-        return _compare(args, base, is_demo, configs, out)
+        return _compare(args, next(iter(configs.values())), is_demo, configs, Path(given["output_dir"]), given)
     except ConfigError as exc:
         print(f"compare: error: {exc}", file=sys.stderr)
         return 2
 
 
-def _compare(args, base: UnlearnConfig, is_demo: bool, configs: Dict[str, UnlearnConfig], out: Path) -> int:
-    from cliperase.engine.checkpoint import write_json
-    from cliperase.engine.data import load_eval_set
-    from cliperase.engine.forget_metrics import load_pairs, plot_similarity_histograms, similarity_histogram
-    from cliperase.engine.models import load_model
-    from cliperase.engine.trainer import NonFiniteLoss, resolve_device
-
+def _compare(args, base: UnlearnConfig, is_demo: bool, configs: Dict[str, UnlearnConfig], out: Path,
+             given: dict) -> int:
     progress = not args.no_progress
     out.mkdir(parents=True, exist_ok=True)
     reports: Dict[str, dict] = {}
@@ -339,13 +336,10 @@ def _compare(args, base: UnlearnConfig, is_demo: bool, configs: Dict[str, Unlear
     heldout = {Path(h).resolve().name: load_eval_set(h, original.preprocess) for h in args.heldout_eval}
     by = args.breakdown
     if by is None and is_demo:
-        from cliperase.engine.demo import DEMO_TASKS
-
         by = DEMO_TASKS[args.task or "circle"].breakdown
     if by:
-        from cliperase.engine.evaluate import load_attributes
-
-        eval_set, attributes = load_eval_set(base.eval_data, original.preprocess), load_attributes(base.eval_data)
+        eval_set = load_eval_set(base.eval_data, original.preprocess)
+        attributes = eval_set.attributes
 
     def add_breakdown(r: dict, model, tokenizer) -> dict:
         if by:
@@ -398,11 +392,10 @@ def _compare(args, base: UnlearnConfig, is_demo: bool, configs: Dict[str, Unlear
              f"({nonmember[2] if nonmember else 'none available'}); wall s = whole unlearn() call.")
     table = markdown_table(rows, heldout_names, title)
     if by:
-        from cliperase.engine.config import parse_attributes
-
         table += "\n" + breakdown_table(rows, by, parse_attributes(base.forget_attributes))
     (out / "compare.md").write_text(table)
-    write_json({"config": base.to_dict(), "methods": list(configs), "rows": rows, "histogram": hist,
+    write_json({"config": {**{k: v for k, v in base.to_dict().items() if k in UnlearnConfig.__dataclass_fields__},
+                           **given, "forget_classes": list(base.forget_classes)}, "methods": list(configs), "rows": rows, "histogram": hist,
                 "nonmember_source": nonmember[2] if nonmember else None}, out / "compare.json")
     print(table)
     print(f"[compare] wrote {out / 'compare.md'}, compare.json, losses.png, forget_vs_retain.png, accuracy_curves.png, similarity.png")

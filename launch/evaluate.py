@@ -28,10 +28,11 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-if __package__ in (None, ""):  # run as a script (python launch/evaluate.py)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from cliperase.engine import ConfigError  # noqa: E402
+from cliperase.engine import ConfigError
+from cliperase.engine.data import load_eval_set
+from cliperase.engine.eval import benchmark_record, embed_eval_set, forget_mask, split_metrics
+from cliperase.engine.models import load_model
+from cliperase.engine.trainer import resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,13 +89,9 @@ def checkpoints_from_args(args: argparse.Namespace) -> List[Tuple[str, Optional[
 
 
 def evaluate_checkpoint(model_name: str, pretrained: Optional[str], label: str, datasets: List[str],
-                        forget_classes: List[str], args: argparse.Namespace) -> List[Path]:
-    """Evaluate one checkpoint on every dataset; the written JSON paths."""
-    from cliperase.engine.data import load_eval_set
-    from cliperase.engine.evaluate import benchmark_metrics, embed_eval_set
-    from cliperase.engine.models import load_model
-    from cliperase.engine.trainer import resolve_device
-
+                        forget_classes: List[str], args: argparse.Namespace, where: str = "") -> List[Path]:
+    """Evaluate one checkpoint on every dataset; the written JSON paths. `where` narrows the
+    forget part to a subgroup (a run's forget_attributes)."""
     loaded = load_model(model_name, pretrained, device=resolve_device(args.device))
     written = []
     for root in datasets:
@@ -105,9 +102,9 @@ def evaluate_checkpoint(model_name: str, pretrained: Optional[str], label: str, 
         name = _slug(Path(root).resolve().name)
         emb = embed_eval_set(loaded.model, loaded.tokenizer, ev, batch_size=args.batch_size,
                              progress=not args.no_progress, desc=f"{label} on {name}")
-        for task, metrics in benchmark_metrics(emb, ev, forget_classes).items():
-            record = {"dataset": name, "model": model_name, "pretrained": pretrained, "task": task,
-                      "language": "en", "forget_classes": list(forget_classes), "metrics": metrics}
+        for task, metrics in split_metrics(emb, ev, forget_mask(ev, forget_classes, where or None)).items():
+            record = benchmark_record(dataset=name, model=model_name, pretrained=pretrained, task=task, metrics=metrics,
+                                      forget_classes=forget_classes)
             path = Path(args.output) / f"{name}_{label}_{_slug(model_name)}_{task}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(record, indent=2) + "\n")
@@ -128,7 +125,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             if not datasets:
                 raise ConfigError(["--dataset: no evaluation set given"])
             classes = given_classes if given_classes is not None else list(run_cfg.get("forget_classes", []))
-            written += evaluate_checkpoint(model_name, pretrained, label, datasets, classes, args)
+            # A run's subgroup applies with its own classes (the split report.json used).
+            where = run_cfg.get("forget_attributes", "") if given_classes is None else ""
+            written += evaluate_checkpoint(model_name, pretrained, label, datasets, classes, args, where)
     except ConfigError as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)
         return 2

@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import List, Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from cliperase.engine import ConfigError  # noqa: E402
-from cliperase.engine.pretrain import PretrainConfig, pretrain  # noqa: E402
+from cliperase.engine import ConfigError
+from cliperase.engine.tools.pretrain import PretrainConfig, pretrain
 
 _D = PretrainConfig()
 

@@ -29,15 +29,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-if __package__ in (None, ""):  # run as a script (python launch/select_data.py)
-    # Python puts the script's folder first on sys.path, where this file would shadow the
-    # standard library's `select` module (imported by subprocess, hence by torch): drop it.
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parent))
-
-from cliperase.engine.errors import ConfigError  # noqa: E402
-from cliperase.engine.select import SelectConfig, select  # noqa: E402
+from cliperase.engine.errors import ConfigError
+from cliperase.engine.tools.select import SelectConfig, select
 
 _DEFAULTS = SelectConfig()
 

@@ -11,13 +11,11 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-if __package__ in (None, ""):  # run as a script (python launch/unlearn.py, deepspeed launch/unlearn.py)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from cliperase.engine import ConfigError, UnlearnConfig, unlearn  # noqa: E402
-from cliperase.engine.api import Interrupted  # noqa: E402
-from cliperase.engine.trainer import NonFiniteLoss  # noqa: E402
-from cliperase.engine.config import METHOD_NAMES, config_overrides  # noqa: E402
+from cliperase.engine import ConfigError, UnlearnConfig, unlearn
+from cliperase.engine.config import config_overrides, method_names
+from cliperase.engine.stopping import Interrupted
+from cliperase.engine.tools.demo import demo_config
+from cliperase.engine.trainer import NonFiniteLoss
 
 _DEFAULTS = UnlearnConfig()
 
@@ -31,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--retain-data", help="shards of image-caption pairs to keep")
     a("--eval-data", help="evaluation set in CLIP_benchmark's webdataset layout")
     a("--forget-classes", help="comma-separated class names of the eval set to forget")
-    a("--method", help=f"unlearning method: {', '.join(METHOD_NAMES)} (default {_DEFAULTS.method})")
+    a("--method", help=f"unlearning method: {', '.join(method_names())} (default {_DEFAULTS.method})")
     a("--steps", type=int, help=f"optimizer steps (default {_DEFAULTS.steps})")
     a("--batch-size", type=int, help=f"pairs per batch, forget and retain each (default {_DEFAULTS.batch_size})")
     a("--lr", type=float, help=f"peak learning rate (default {_DEFAULTS.lr})")
@@ -49,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--deepspeed-config", help="DeepSpeed JSON merged into the built config; conflicts with flags are errors")
     a("--config", help="JSON file of UnlearnConfig fields; flags given on the command line win")
     a("--set", action="append", default=[], metavar="FIELD=VALUE",
-      help="any other UnlearnConfig field (JSON value), e.g. --set lambda_f=1 --set forget_mode='\"hinge\"'")
+      help="any other config field or method option (JSON value), e.g. --set lambda_f=1 --set forget_mode='\"hinge\"'")
     a("--no-progress", action="store_true", help="no progress bar")
     # The deepspeed launcher appends --local_rank=N to the script's arguments.
     a("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -94,8 +92,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         cfg = config_from_args(args)
         if cfg is None:
-            from cliperase.engine.demo import demo_config
-
             cfg = demo_config(progress=not args.no_progress)
         report = unlearn(cfg, progress=not args.no_progress)
     except ConfigError as exc:

@@ -46,9 +46,9 @@ def _install(fault: dict) -> None:
     if kind == "none":
         return
     if kind == "kill_after_checkpoint":  # rank 0 seals the checkpoint, then dies (the launcher ends the rest)
-        from cliperase.engine import api
+        from cliperase.engine import recipe
 
-        real_commit, sealed = api.commit_checkpoint, {"n": 0}
+        real_commit, sealed = recipe.commit_checkpoint, {"n": 0}
 
         def commit(*args, **kwargs):
             path = real_commit(*args, **kwargs)
@@ -57,7 +57,7 @@ def _install(fault: dict) -> None:
                 _die()
             return path
 
-        api.commit_checkpoint = commit
+        recipe.commit_checkpoint = commit
         return
     calls = {"n": 0}
     real_save = trainer.TorchStepper.save

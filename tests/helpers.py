@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cliperase.engine.synthetic import write_default
+from cliperase.engine.tools.synthetic import write_default
 
 
 @pytest.fixture(scope="session")

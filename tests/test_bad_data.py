@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from cliperase.engine import data as data_mod
+from cliperase.engine.data import tar as data_mod
 from cliperase.engine.data import SKIP_KINDS, ShardReader
 from cliperase.engine.errors import ConfigError
-from cliperase.engine.select import SelectConfig, select
-from cliperase.engine.synthetic import _encode, generate
+from cliperase.engine.tools.select import SelectConfig, select
+from cliperase.engine.tools.synthetic import _encode, generate
 
 
 def _samples(n, seed=0, prefix="s"):

@@ -2,7 +2,7 @@
 
 Each case starts from a valid run and breaks one thing (the last breaks several). Every one
 must exit with code 2 and a message naming the field and what was wrong; all but the cases
-marked `at_load` are refused by UnlearnConfig.problems(), before any model is built and
+marked `at_load` are refused by preflight.problems(), before any model is built and
 before anything is written; no case may change an input or write model.pt / report.json.
 """
 import io
@@ -16,7 +16,7 @@ from typing import Callable, List, Tuple
 import open_clip
 import pytest
 
-from cliperase.engine import UnlearnConfig
+from cliperase.engine import UnlearnConfig, preflight
 from helpers import random_checkpoint, sha256, tiny_checkpoint, tiny_data  # noqa: F401
 from launch import unlearn as cli
 
@@ -165,7 +165,10 @@ CASES: List[Case] = [
     Case("lr-nan", lambda c: {"lr": "nan"}, ("lr: expected a positive number, got nan",)),
     Case("lr-inf", lambda c: {"lr": "inf"}, ("lr: expected a positive number, got inf",)),
     Case("lr-negative", lambda c: {"lr": "-1e-3"}, ("lr: expected a positive number, got -0.001",)),
-    Case("beta-above-one", lambda c: {"_extra": ["--set", "beta=1.5"]}, ("beta: expected a number in [0, 1], got 1.5",)),
+    Case("beta-above-one", lambda c: {"method": "neggrad+", "_extra": ["--set", "beta=1.5"]},
+         ("beta: expected a number in [0, 1], got 1.5",)),
+    Case("option-of-another-method", lambda c: {"_extra": ["--set", "beta=0.5"]},
+         ("beta: an option of method neggrad+, not of 'cliperase' (it would change nothing)",)),
     Case("seed-text", lambda c: {"seed": None, "_extra": ["--set", "seed=abc"]}, ("seed: expected an integer, got 'abc'",)),
     # --- names
     Case("method-unknown", lambda c: {"method": "forgetall"},
@@ -299,7 +302,7 @@ def test_problems_reports_every_field_without_the_cli(tiny_data, tmp_path):
     cfg = UnlearnConfig(model=7, pretrained=["x"], forget_data=3, retain_data=str(tiny_data / "retain"),
                         eval_data=str(tiny_data / "eval"), forget_classes=("circle", 5), output_dir=str(tmp_path / "o"),
                         mask_duplicate_captions="yes", train_logit_scale=1, warmup_steps=True)
-    problems = cfg.problems()
+    problems = preflight.problems(cfg)
     for needle in ("model: expected a non-empty string, got 7", "pretrained: expected a string (a path), got ['x']",
                    "forget_data: expected a string (a path), got 3", "forget_classes: expected a list of class names",
                    "mask_duplicate_captions: expected true or false, got 'yes'",
@@ -320,4 +323,4 @@ def test_retrieval_only_eval_set_needs_no_classnames(tiny_data, tmp_path):
                 dst.addfile(member, src.extractfile(member))
     cfg = UnlearnConfig(forget_data=str(tiny_data / "forget"), retain_data=str(tiny_data / "retain"),
                         eval_data=str(root), forget_classes=("circle",), output_dir=str(tmp_path / "out"))
-    assert cfg.problems() == []
+    assert preflight.problems(cfg) == []

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from cliperase.engine import ConfigError, UnlearnConfig, unlearn
+from cliperase.engine import ConfigError, UnlearnConfig, preflight, unlearn
 from helpers import tiny_data  # noqa: F401
 
 
@@ -11,11 +11,11 @@ def _good(data, tmp_path, **kw):
     base = dict(forget_data=str(data / "forget"), retain_data=str(data / "retain"), eval_data=str(data / "eval"),
                 forget_classes=("circle",), output_dir=str(tmp_path / "out"), steps=2, batch_size=4)
     base.update(kw)
-    return UnlearnConfig(**base)
+    return UnlearnConfig.from_dict(base)
 
 
 def test_good_config_has_no_problems(tiny_data, tmp_path):
-    assert _good(tiny_data, tmp_path).problems() == []
+    assert preflight.problems(_good(tiny_data, tmp_path)) == []
 
 
 BAD = {
@@ -47,7 +47,7 @@ def test_each_bad_field_is_named(case, tiny_data, tmp_path):
     if fields.get("retain_data") == "EMPTY":
         (tmp_path / "empty").mkdir()
         fields = dict(fields, retain_data=str(tmp_path / "empty"))
-    problems = _good(tiny_data, tmp_path, **fields).problems()
+    problems = preflight.problems(_good(tiny_data, tmp_path, **fields))
     assert len(problems) == 1 and message in problems[0], problems
 
 
@@ -63,8 +63,8 @@ def test_output_dir_holding_a_run_is_refused_unless_overwrite(tiny_data, tmp_pat
     out = tmp_path / "out"
     out.mkdir()
     (out / "report.json").write_text(json.dumps({}))
-    assert any("holds another run" in p for p in _good(tiny_data, tmp_path).problems())
-    assert _good(tiny_data, tmp_path, overwrite=True).problems() == []
+    assert any("holds another run" in p for p in preflight.problems(_good(tiny_data, tmp_path)))
+    assert preflight.problems(_good(tiny_data, tmp_path, overwrite=True)) == []
 
 
 def test_from_dict_rejects_unknown_fields():

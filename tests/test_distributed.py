@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cliperase.engine import ConfigError, UnlearnConfig
-from cliperase.engine.ds_config import build_ds_config, deepspeed_config_problems
+from cliperase.engine import ConfigError, UnlearnConfig, preflight
+from cliperase.engine.dist.ds_config import build_ds_config, deepspeed_config_problems
 from helpers import random_checkpoint, tiny_data  # noqa: F401
 from launch import unlearn as cli
 
@@ -77,9 +77,9 @@ def test_bad_scale_fields_are_each_named(tmp_path):
         "bad json": (dict(deepspeed_config=str(bad_json)), "is not valid JSON"),
     }
     for what, (fields, needle) in cases.items():
-        problems = UnlearnConfig(**fields).problems()
+        problems = preflight.problems(UnlearnConfig(**fields))
         assert any(needle in p for p in problems), (what, problems)
-    all_bad = UnlearnConfig(zero_stage=-1, precision="half", accum_steps=-2, grad_clip=float("nan")).problems()
+    all_bad = preflight.problems(UnlearnConfig(zero_stage=-1, precision="half", accum_steps=-2, grad_clip=float("nan")))
     for name in ("zero_stage", "precision", "accum_steps", "grad_clip"):
         assert any(p.startswith(f"{name}:") for p in all_bad), name
 
@@ -126,7 +126,7 @@ def test_torch_stepper_accumulates_and_clips_like_one_big_batch():
 # --- gather with gradient and the row offset ---------------------------------------------------
 
 def test_gather_rows_on_one_process_is_the_identity():
-    from cliperase.engine.distributed import gather_rows
+    from cliperase.engine.dist import gather_rows
 
     x = torch.randn(3, 4, requires_grad=True)
     local, global_, offset = gather_rows(x)
@@ -153,8 +153,7 @@ def _objectives(feats_for, n_rows):
     results = {}
     for method, impl in _CASES:
         leaves, feats = feats_for()
-        cfg = UnlearnConfig(method=method, loss_impl=impl)
-        loss = get_method(method).objective(feats, cfg)["loss"]
+        loss = get_method(UnlearnConfig(method=method, loss_impl=impl)).objective(feats)["loss"]
         loss.backward()
         results[f"{method}/{impl}"] = (loss.detach(), {k: torch.zeros_like(leaves[k]) if leaves[k].grad is None
                                                    else leaves[k].grad.clone() for k in _STUDENT})
@@ -162,18 +161,21 @@ def _objectives(feats_for, n_rows):
 
 
 def _features(parts: dict, rows: slice, gathered: bool):
-    from cliperase.engine.distributed import gather_rows
-    from cliperase.engine.methods import Features
+    from cliperase.engine.dist import gather_rows
+    from cliperase.engine.methods import Features, Side
 
     leaves = {k: parts[k][rows].clone().requires_grad_(True) for k in _STUDENT}
-    feats = Features(logit_scale=torch.tensor(10.0), teacher_logit_scale=torch.tensor(10.0))
-    for k in _STUDENT:
-        local, global_, feats.row_offset = gather_rows(leaves[k]) if gathered else (leaves[k], leaves[k], 0)
-        setattr(feats, k, local)
-        setattr(feats, f"{k}_all", global_)
-    for k in ("teacher_img", "teacher_txt"):
-        setattr(feats, k, parts[k][rows])
-        setattr(feats, f"{k}_all", gather_rows(parts[k][rows])[1] if gathered else parts[k][rows])
+    gather = gather_rows if gathered else (lambda x: (x, x, 0))
+    sides = {}
+    for s in ("forget", "retain"):
+        img, img_all, offset = gather(leaves[f"{s}_img"])
+        txt, txt_all, _ = gather(leaves[f"{s}_txt"])
+        sides[s] = Side(img, txt, img_all, txt_all, offset)
+    r = sides["retain"]
+    r.teacher_img, r.teacher_txt = parts["teacher_img"][rows], parts["teacher_txt"][rows]
+    r.teacher_img_all, r.teacher_txt_all = gather(r.teacher_img)[1], gather(r.teacher_txt)[1]
+    feats = Features(forget=sides["forget"], retain=r, logit_scale=torch.tensor(10.0),
+                     teacher_logit_scale=torch.tensor(10.0))
     return leaves, feats
 
 
@@ -360,7 +362,7 @@ def test_subgroup_runs_under_the_deepspeed_launcher(tiny_data, tiny_vit_checkpoi
     the three stages run, the frozen layers leave bit for bit as they came, the report names the
     layers and the soup weight."""
     from cliperase.engine.models import load_model
-    from cliperase.engine.subgroup import layer_groups
+    from cliperase.engine.methods.subgroup import layer_groups
 
     out = tmp_path / "subgroup"
     deepspeed = Path(sys.executable).parent / "deepspeed"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cliperase.engine import UnlearnConfig, unlearn
-from cliperase.engine.config import METHOD_NAMES
+from cliperase.engine.config import method_names
 from cliperase.engine.models import register_configs
 from helpers import run_args, sha256, tiny_checkpoint, tiny_data  # noqa: F401
 from launch import unlearn as cli
@@ -22,7 +22,7 @@ def _check_metrics(m):
         assert set(part) == R_KEYS and all(0.0 <= v <= 1.0 for v in part.values())
 
 
-@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("method", method_names())
 def test_tiny_run_writes_report_and_loadable_checkpoint(method, tiny_data, tiny_checkpoint, tmp_path, capsys):
     before_hash = sha256(tiny_checkpoint)
     out = tmp_path / "run"
@@ -52,7 +52,7 @@ def test_tiny_run_writes_report_and_loadable_checkpoint(method, tiny_data, tiny_
 def test_report_reproduces_from_exported_checkpoint(tiny_data, tiny_checkpoint, tmp_path):
     """Evaluating the exported checkpoint with the engine's code gives the report's 'after'."""
     from cliperase.engine.data import load_eval_set
-    from cliperase.engine.evaluate import evaluate
+    from cliperase.engine.eval import evaluate
     from cliperase.engine.models import load_model
 
     out = tmp_path / "run"

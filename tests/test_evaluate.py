@@ -1,11 +1,13 @@
 """Metrics on hand-built embeddings whose answers are known exactly."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from cliperase.engine.data import EvalSet
-from cliperase.engine.evaluate import forget_mask, retrieval_recall, zeroshot_accuracy
+from cliperase.engine.eval import forget_mask
+from cliperase.engine.eval.metrics import retrieval_recall, zeroshot_accuracy
 from helpers import tiny_checkpoint, tiny_data  # noqa: F401
 
 
@@ -46,7 +48,7 @@ def test_forget_mask_by_label_and_by_caption_word():
 
 
 def test_zeroshot_breakdown_groups_a_class_by_any_attribute():
-    from cliperase.engine.evaluate import zeroshot_breakdown
+    from cliperase.engine.eval import zeroshot_breakdown
 
     clf = torch.eye(2)  # classes circle (0), square (1)
     images = torch.tensor([[1.0, 0], [0.2, 0.8], [1.0, 0], [0.9, 0.1], [0, 1.0], [0.3, 0.7]])
@@ -63,8 +65,7 @@ def test_zeroshot_breakdown_groups_a_class_by_any_attribute():
 
 
 def test_attribute_mask_and_its_spec():
-    from cliperase.engine.config import parse_attributes
-    from cliperase.engine.evaluate import attribute_mask
+    from cliperase.engine.eval import attribute_mask, parse_attributes
 
     attrs = [{"colour": "red", "background": "white"}, {"colour": "blue", "background": "white"}, {"colour": "red"}]
     assert attribute_mask(attrs, "colour=red").tolist() == [True, False, True]
@@ -78,12 +79,12 @@ def test_attribute_mask_and_its_spec():
 
 def test_evaluate_splits_a_subgroup_and_breaks_down_by_attribute(tiny_data, tiny_checkpoint):
     from cliperase.engine.data import load_eval_set
-    from cliperase.engine.evaluate import attribute_mask, evaluate, load_attributes
+    from cliperase.engine.eval import attribute_mask, evaluate
     from cliperase.engine.models import load_model
 
     lm = load_model("tiny-clip", str(tiny_checkpoint))
     ev = load_eval_set(str(tiny_data / "eval"), lm.preprocess)
-    attrs = load_attributes(str(tiny_data / "eval"))
+    attrs = ev.attributes
     # One per image, in load_eval_set's order: each image's json names the shape of its label.
     assert [ev.classnames.index(a["shape"]) for a in attrs] == ev.labels.tolist()
     plain = evaluate(lm.model, lm.tokenizer, ev, ["circle"])
@@ -99,4 +100,4 @@ def test_evaluate_splits_a_subgroup_and_breaks_down_by_attribute(tiny_data, tiny
               + sum(v["acc"] * v["n"] for k, v in by.items() if k != "red")) / (n_all - n_red)
     assert sub["zeroshot"]["retain_acc"] == pytest.approx(expect, abs=1e-6)
     with pytest.raises(ValueError, match="attributes"):
-        evaluate(lm.model, lm.tokenizer, ev, ["circle"], forget_where="colour=red")
+        evaluate(lm.model, lm.tokenizer, replace(ev, attributes=None), ["circle"], forget_where="colour=red")

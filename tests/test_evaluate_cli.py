@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cliperase.engine.data import EvalSet, load_eval_set
-from cliperase.engine.evaluate import benchmark_metrics, evaluate, retrieval_metrics, zeroshot_metrics
+from cliperase.engine.eval import EvalEmbeddings, evaluate, forget_mask, split_metrics, strict_json
 from cliperase.engine.models import load_model
 from helpers import tiny_checkpoint, tiny_data  # noqa: F401
 from launch import evaluate as cli
@@ -29,7 +29,9 @@ def test_zeroshot_metrics_known_top1_top5_and_split():
     images = torch.stack([_image(label, rank) for label, rank, _ in cases])
     labels = torch.tensor([c[0] for c in cases])
     is_forget = torch.tensor([c[2] for c in cases])
-    m = zeroshot_metrics(images, torch.eye(6), labels, is_forget)
+    ev = EvalSet([str(c) for c in range(6)], ["{c}"], torch.zeros(len(cases), 3, 2, 2), labels, [[] for _ in cases])
+    emb = EvalEmbeddings(images, torch.eye(6), torch.empty(0, 6), torch.zeros(0, dtype=torch.long))
+    m = split_metrics(emb, ev, is_forget)["zeroshot_classification"]
     assert m["forget_acc1"] == pytest.approx(1 / 3) and m["forget_acc5"] == pytest.approx(2 / 3)  # rank 5 misses top-5
     assert m["retain_acc1"] == pytest.approx(2 / 4) and m["retain_acc5"] == pytest.approx(3 / 4)
     assert m["acc1"] == pytest.approx(3 / 7) and m["acc5"] == pytest.approx(5 / 7)
@@ -48,7 +50,9 @@ def test_retrieval_metrics_split_removes_other_parts_distractors():
                           [0, 0, 1.0, 0],
                           [0, 0, 0.2, 0.1]])  # caption 3 prefers image 2; image 3 prefers caption 1
     owner = torch.arange(4)
-    m = retrieval_metrics(images, texts, owner, torch.tensor([True, True, False, False]), ks=(1, 5))
+    ev = EvalSet([], [], torch.zeros(4, 3, 2, 2), None, [["c"] for _ in range(4)])
+    emb = EvalEmbeddings(images, None, texts, owner)
+    m = split_metrics(emb, ev, torch.tensor([True, True, False, False]))["zeroshot_retrieval"]
     # CLIP_benchmark's image retrieval is text->image: captions 1 and 3 miss at R@1 over all images.
     assert m["image_retrieval_recall@1"] == pytest.approx(2 / 4) and m["image_retrieval_recall@5"] == 1.0
     # Within the forget part image 2 is no candidate, so caption 1 finds image 1; within the retain
@@ -63,11 +67,9 @@ def test_retrieval_metrics_split_removes_other_parts_distractors():
 
 
 def test_benchmark_metrics_without_forget_classes_reports_null_forget_part():
-    from cliperase.engine.evaluate import EvalEmbeddings
-
     ev = EvalSet(["a", "b"], ["{c}"], torch.zeros(2, 3, 2, 2), torch.tensor([0, 1]), [["x"], ["y"]])
     emb = EvalEmbeddings(torch.eye(2), torch.eye(2), torch.eye(2), torch.arange(2))
-    out = benchmark_metrics(emb, ev, [])
+    out = {task: strict_json(m) for task, m in split_metrics(emb, ev, forget_mask(ev, [])).items()}
     assert set(out) == {"zeroshot_classification", "zeroshot_retrieval"}
     assert out["zeroshot_classification"]["acc1"] == 1.0 and out["zeroshot_classification"]["forget_acc1"] is None
     assert out["zeroshot_retrieval"]["forget_image_retrieval_recall@1"] is None

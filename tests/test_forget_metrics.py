@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cliperase.engine.forget_metrics import (auc, load_pairs, membership_inference_auc, pair_similarities,
+from cliperase.engine.eval.forget import (auc, load_pairs, membership_inference_auc, pair_similarities,
                                              plot_similarity_histograms, similarity_histogram)
 from helpers import tiny_data  # noqa: F401
 

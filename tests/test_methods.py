@@ -6,12 +6,36 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cliperase.engine.config import METHOD_NAMES, UnlearnConfig
-from cliperase.engine.methods import METHODS, Features
+from cliperase.engine import preflight
+from cliperase.engine.config import UnlearnConfig, method_names
+from cliperase.engine.methods import METHODS, Features, Side, get_method
+from cliperase.engine.methods.subgroup import SubgroupOptions
 
 
-def test_config_names_every_method_and_only_those():
-    assert tuple(METHODS) == METHOD_NAMES
+def test_config_names_the_registered_methods_in_order():
+    assert method_names() == ("cliperase", "ft", "ga", "graddiff", "neggrad+", "kl", "multidelete", "subgroup")
+
+
+def _cfg(method: str, **keys) -> UnlearnConfig:
+    return UnlearnConfig.from_dict({"method": method, **keys})
+
+
+def _objective(method: str, f: Features, **keys) -> dict:
+    return get_method(_cfg(method, **keys)).objective(f)
+
+
+def _side(img, txt, teacher_img=None, teacher_txt=None) -> Side:
+    """One process: the global columns are the local rows themselves."""
+    return Side(img, txt, img, txt, 0, teacher_img, teacher_txt, teacher_img, teacher_txt)
+
+
+def _with_grad(f: Features) -> Features:
+    """A copy whose student rows are fresh leaves that require grad."""
+    sides = {}
+    for name in ("forget", "retain"):
+        s = getattr(f, name)
+        sides[name] = _side(s.img.clone().requires_grad_(), s.txt.clone().requires_grad_(), s.teacher_img, s.teacher_txt)
+    return replace(f, **sides)
 
 
 def _infonce_by_hand(img, txt, s):
@@ -33,55 +57,51 @@ def feats():
     rt = torch.tensor([[2.0, 1.0], [1.0, -2.0]])
     ti = F.normalize(torch.tensor([[1.0, 0.9], [1.0, -1.1]]), dim=1)
     tt = F.normalize(torch.tensor([[2.0, 1.1], [1.0, -1.9]]), dim=1)
-    return Features(forget_img=fi, forget_txt=ft, retain_img=ri, retain_txt=rt, teacher_img=ti, teacher_txt=tt,
-                    teacher_forget_img=F.normalize(fi, dim=1), teacher_forget_txt=F.normalize(ft, dim=1),
+    return Features(forget=_side(fi, ft, F.normalize(fi, dim=1), F.normalize(ft, dim=1)), retain=_side(ri, rt, ti, tt),
                     logit_scale=2.0, teacher_logit_scale=2.0,
-                    method_state={"prompts": torch.tensor([[1.0, 0.0]])})  # subgroup: one class prompt
+                    state={"prompts": torch.tensor([[1.0, 0.0]])})  # subgroup: one class prompt
 
 
 def test_ft_ga_graddiff_neggrad(feats):
-    cfg = UnlearnConfig(beta=0.75)
-    lr = _infonce_by_hand(feats.retain_img, feats.retain_txt, 2.0)
-    lf = _infonce_by_hand(feats.forget_img, feats.forget_txt, 2.0)
-    assert METHODS["ft"].objective(feats, cfg)["loss"].item() == pytest.approx(lr, rel=1e-5)
-    assert METHODS["ga"].objective(feats, cfg)["loss"].item() == pytest.approx(-lf, rel=1e-5)
-    assert METHODS["graddiff"].objective(feats, cfg)["loss"].item() == pytest.approx(lr - lf, rel=1e-5)
-    assert METHODS["neggrad+"].objective(feats, cfg)["loss"].item() == pytest.approx(0.75 * lr - 0.25 * lf, rel=1e-5)
+    lr = _infonce_by_hand(feats.retain.img, feats.retain.txt, 2.0)
+    lf = _infonce_by_hand(feats.forget.img, feats.forget.txt, 2.0)
+    assert _objective("ft", feats)["loss"].item() == pytest.approx(lr, rel=1e-5)
+    assert _objective("ga", feats)["loss"].item() == pytest.approx(-lf, rel=1e-5)
+    assert _objective("graddiff", feats)["loss"].item() == pytest.approx(lr - lf, rel=1e-5)
+    assert _objective("neggrad+", feats, beta=0.75)["loss"].item() == pytest.approx(0.75 * lr - 0.25 * lf, rel=1e-5)
 
 
 def test_cliperase_weights_its_three_modules(feats):
-    cfg = UnlearnConfig(lambda_r=1.0, lambda_f=3.0, lambda_c=2.0)
-    out = METHODS["cliperase"].objective(feats, cfg)
+    out = _objective("cliperase", feats, lambda_r=1.0, lambda_f=3.0, lambda_c=2.0)
     # forget module: mean cosine of the matched forget pairs, (0.8 + 0.8) / 2.
     assert out["forget_sim"].item() == pytest.approx(0.8, rel=1e-6)
-    assert out["retain_infonce"].item() == pytest.approx(_infonce_by_hand(feats.retain_img, feats.retain_txt, 2.0), rel=1e-5)
+    assert out["retain_infonce"].item() == pytest.approx(_infonce_by_hand(feats.retain.img, feats.retain.txt, 2.0), rel=1e-5)
     assert out["loss"].item() == pytest.approx(out["retain_infonce"].item() + 3 * 0.8 + 2 * out["consistency_kl"].item(), rel=1e-5)
     assert out["consistency_kl"].item() > 0
 
 
 def test_kl_method_is_ascent_plus_consistency(feats):
-    out = METHODS["kl"].objective(feats, UnlearnConfig())
-    lf = _infonce_by_hand(feats.forget_img, feats.forget_txt, 2.0)
+    out = _objective("kl", feats)
+    lf = _infonce_by_hand(feats.forget.img, feats.forget.txt, 2.0)
     assert out["loss"].item() == pytest.approx(-lf + out["consistency_kl"].item(), rel=1e-5)
 
 
 def test_multidelete_by_hand(feats):
-    out = METHODS["multidelete"].objective(feats, UnlearnConfig(lambda_f=1.0, lambda_r=1.0))
+    out = _objective("multidelete", feats, lambda_f=1.0, lambda_r=1.0)
     # Student cosines of the forget pairs: 0.8, 0.8. Teacher (same here) with the captions rolled
     # by one: image0 x caption1 = 0.0, image1 x caption0 = 0.6*0.8 + 0.8*0.6 = 0.96.
     assert out["forget_match"].item() == pytest.approx(((0.8 - 0.0) ** 2 + (0.8 - 0.96) ** 2) / 2, rel=1e-5)
-    ri, rt = F.normalize(feats.retain_img, dim=1), F.normalize(feats.retain_txt, dim=1)
-    mse = ((ri - feats.teacher_img) ** 2).sum(1).mean() + ((rt - feats.teacher_txt) ** 2).sum(1).mean()
+    ri, rt = F.normalize(feats.retain.img, dim=1), F.normalize(feats.retain.txt, dim=1)
+    mse = ((ri - feats.retain.teacher_img) ** 2).sum(1).mean() + ((rt - feats.retain.teacher_txt) ** 2).sum(1).mean()
     assert out["retain_embedding_mse"].item() == pytest.approx(mse.item(), rel=1e-5)
-    assert METHODS["multidelete"].teacher_on_forget
+    assert "forget" in METHODS["multidelete"].teacher_streams
 
 
 def test_every_method_gives_gradients_to_the_student(feats):
-    for name, method in METHODS.items():
-        f = Features(**{k: (v.clone().requires_grad_() if isinstance(v, torch.Tensor) and not k.startswith("teacher") else v)
-                        for k, v in vars(feats).items()})
-        method.objective(f, UnlearnConfig())["loss"].backward()
-        used = [t for t in (f.forget_img, f.retain_img) if t.grad is not None]
+    for name in METHODS:
+        f = _with_grad(feats)
+        _objective(name, f)["loss"].backward()
+        used = [t for t in (f.forget.img, f.retain.img) if t.grad is not None]
         assert used and all(torch.isfinite(t.grad).all() for t in used), name
 
 
@@ -100,75 +120,72 @@ def _kl_by_hand(img, txt, img0, txt0, s):
 
 
 def _at(feats, step, **state):
-    return Features(**{**vars(feats), "step": step, "method_state": {**feats.method_state, **state}})
+    return replace(feats, step=step, state={**feats.state, **state})
 
 
 def test_subgroup_forget_stage_is_the_cosine_to_the_class_prompt(feats):
-    cfg = UnlearnConfig(steps=4, lambda_r=1.0, lambda_c=2.0, subgroup_forget_steps=2)  # forget: steps 0-1, remind: 2-3
-    out = METHODS["subgroup"].objective(_at(feats, 0), cfg)
+    cfg = _cfg("subgroup", steps=4, lambda_r=1.0, lambda_c=2.0, subgroup_forget_steps=2)  # forget: steps 0-1, remind: 2-3
+    out = get_method(cfg).objective(_at(feats, 0))
     # Forget images (1, 0) and (0.6, 0.8) against the prompt (1, 0): cosines 1.0 and 0.6.
     assert out["loss"].item() == pytest.approx(0.8, rel=1e-6)
     assert out["forget_prompt_sim"].item() == pytest.approx(0.8, rel=1e-6)
     # Two classes: each image takes the prompt its original-model embedding is nearest to, here
     # (1, 0) for the first image and (0, 1) for the second (0.8 > 0.6): cosines 1.0 and 0.8.
     two = _at(feats, 1, prompts=torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
-    assert METHODS["subgroup"].objective(two, cfg)["loss"].item() == pytest.approx(0.9, rel=1e-6)
-    hinge = METHODS["subgroup"].objective(_at(feats, 0), UnlearnConfig(steps=4, forget_mode="hinge", forget_margin=0.7))
+    assert get_method(cfg).objective(two)["loss"].item() == pytest.approx(0.9, rel=1e-6)
+    hinge = _objective("subgroup", _at(feats, 0), steps=4, forget_mode="hinge", forget_margin=0.7)
     assert hinge["loss"].item() == pytest.approx((0.3 + 0.0) / 2, rel=1e-6)
 
 
 def test_subgroup_remind_stage_is_retain_infonce_plus_kl_plus_the_guard(feats):
-    cfg = UnlearnConfig(steps=4, lambda_r=0.5, lambda_c=2.0, subgroup_forget_steps=2, subgroup_guard=0.0)
-    out = METHODS["subgroup"].objective(_at(feats, 2), cfg)
-    infonce = _infonce_by_hand(feats.retain_img, feats.retain_txt, 2.0)
-    kl = _kl_by_hand(feats.retain_img, feats.retain_txt, feats.teacher_img, feats.teacher_txt, 2.0)
+    cfg = _cfg("subgroup", steps=4, lambda_r=0.5, lambda_c=2.0, subgroup_forget_steps=2, subgroup_guard=0.0)
+    out = get_method(cfg).objective(_at(feats, 2))
+    infonce = _infonce_by_hand(feats.retain.img, feats.retain.txt, 2.0)
+    kl = _kl_by_hand(feats.retain.img, feats.retain.txt, feats.retain.teacher_img, feats.retain.teacher_txt, 2.0)
     assert out["retain_infonce"].item() == pytest.approx(infonce, rel=1e-5)
     assert out["consistency_kl"].item() == pytest.approx(kl, rel=1e-4)
     assert out["loss"].item() == pytest.approx(0.5 * infonce + 2.0 * kl, rel=1e-5), "guard 0: METHOD.md's remind"
     assert out["forget_prompt_sim"].item() == pytest.approx(0.8, rel=1e-6), "logged in both stages"
     # The guard: max(0, cos - forget_margin) of the forget images (cosines 1.0 and 0.6 to the prompt).
-    guarded = METHODS["subgroup"].objective(_at(feats, 2), replace(cfg, subgroup_guard=4.0, forget_margin=0.7))
+    guarded = get_method(cfg.replace(subgroup_guard=4.0, forget_margin=0.7)).objective(_at(feats, 2))
     assert guarded["forget_guard"].item() == pytest.approx((0.3 + 0.0) / 2, rel=1e-6)
     assert guarded["loss"].item() == pytest.approx(0.5 * infonce + 2.0 * kl + 4.0 * 0.15, rel=1e-5)
     # subgroup_forget_steps moves the switch (defaults: lambda_r 1, lambda_c 3, guard 3 at margin 0).
-    early = METHODS["subgroup"].objective(_at(feats, 1), UnlearnConfig(steps=4, subgroup_forget_steps=1))
+    early = _objective("subgroup", _at(feats, 1), steps=4, subgroup_forget_steps=1)
     assert early["loss"].item() == pytest.approx(infonce + 3.0 * kl + 3.0 * 0.8, rel=1e-5)
 
 
 def _grads(feats, step, cfg):
-    f = Features(**{k: (v.clone().requires_grad_() if isinstance(v, torch.Tensor) and k.split("_")[0] in ("forget", "retain")
-                        else v) for k, v in vars(_at(feats, step)).items()})
-    METHODS["subgroup"].objective(f, cfg)["loss"].backward()
-    return f.forget_img.grad, f.retain_img.grad
+    f = _with_grad(_at(feats, step))
+    get_method(cfg).objective(f)["loss"].backward()
+    return f.forget.img.grad, f.retain.img.grad
 
 
 def test_subgroup_only_the_active_stage_carries_gradient(feats):
-    cfg = UnlearnConfig(steps=4, subgroup_forget_steps=2, subgroup_guard=0.0)
+    cfg = _cfg("subgroup", steps=4, subgroup_forget_steps=2, subgroup_guard=0.0)
     fg, rg = _grads(feats, 0, cfg)
     assert fg.abs().sum() > 0 and rg is None
     fg, rg = _grads(feats, 3, cfg)
     assert fg is None and rg.abs().sum() > 0
     # The remind stage's guard reaches a forget image only above the margin: (0.6, 0.8), at cosine
     # 0.6 to the prompt, is pushed with margin 0.5 and left alone with 0.7.
-    fg, rg = _grads(feats, 3, replace(cfg, subgroup_guard=1.0, forget_margin=0.5))
+    fg, rg = _grads(feats, 3, cfg.replace(subgroup_guard=1.0, forget_margin=0.5))
     assert fg[1].abs().sum() > 0 and rg.abs().sum() > 0
-    fg, rg = _grads(feats, 3, replace(cfg, subgroup_guard=1.0, forget_margin=0.7))
+    fg, rg = _grads(feats, 3, cfg.replace(subgroup_guard=1.0, forget_margin=0.7))
     assert fg[1].abs().sum() == 0 and rg.abs().sum() > 0
     # One training stage takes every step; with none (restore only) the steps are no-ops.
-    assert _grads(feats, 3, UnlearnConfig(steps=4, subgroup_stages="forget,restore"))[1] is None
-    assert _grads(feats, 0, UnlearnConfig(steps=4, subgroup_stages="remind", subgroup_guard=0.0))[0] is None
-    fg, rg = _grads(feats, 0, UnlearnConfig(steps=4, subgroup_stages="restore"))
+    assert _grads(feats, 3, _cfg("subgroup", steps=4, subgroup_stages="forget,restore"))[1] is None
+    assert _grads(feats, 0, _cfg("subgroup", steps=4, subgroup_stages="remind", subgroup_guard=0.0))[0] is None
+    fg, rg = _grads(feats, 0, _cfg("subgroup", steps=4, subgroup_stages="restore"))
     assert fg.abs().sum() == 0 and rg.abs().sum() == 0
 
 
 def test_config_refuses_zero3_for_full_parameter_methods():
-    from cliperase.engine.config import FULL_PARAM_METHODS
-
-    assert FULL_PARAM_METHODS == tuple(n for n, m in METHODS.items() if m.needs_full_params)
-    problems = UnlearnConfig(method="subgroup", zero_stage=3).problems()
+    assert [n for n, m in METHODS.items() if m.needs_full_params] == ["subgroup"]
+    problems = preflight.problems(UnlearnConfig(method="subgroup", zero_stage=3))
     assert any(p.startswith("zero_stage: method 'subgroup' reads whole parameters") for p in problems)
-    assert not any(p.startswith("zero_stage") for p in UnlearnConfig(method="subgroup", zero_stage=2).problems())
-    assert not any(p.startswith("zero_stage") for p in UnlearnConfig(method="cliperase", zero_stage=3).problems())
+    assert not any(p.startswith("zero_stage") for p in preflight.problems(UnlearnConfig(method="subgroup", zero_stage=2)))
+    assert not any(p.startswith("zero_stage") for p in preflight.problems(UnlearnConfig(method="cliperase", zero_stage=3)))
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -189,13 +206,14 @@ def test_config_refuses_zero3_for_full_parameter_methods():
     ({"method": "subgroup", "steps": 1}, "steps: the forget and remind stages need at least 2 steps"),
 ])
 def test_subgroup_config_problems(fields, message):
-    assert any(p.startswith(message) for p in UnlearnConfig(**fields).problems()), UnlearnConfig(**fields).problems()
+    problems = preflight.problems(_cfg(**{"method": "subgroup", **fields}))
+    assert any(p.startswith(message) for p in problems), problems
 
 
 def test_subgroup_plan():
-    assert UnlearnConfig(steps=60).subgroup_plan() == (("forget", "remind", "restore"), 10, 50)
-    assert UnlearnConfig(steps=2).subgroup_plan()[1:] == (1, 1)
-    assert UnlearnConfig(steps=9, subgroup_forget_steps=2).subgroup_plan()[1:] == (2, 7)
-    assert UnlearnConfig(steps=9, subgroup_stages="restore,forget").subgroup_plan() == (("forget", "restore"), 9, 0)
-    assert UnlearnConfig(steps=9, subgroup_stages="remind").subgroup_plan() == (("remind",), 0, 9)
-    assert UnlearnConfig(steps=9, subgroup_stages="restore").subgroup_plan() == (("restore",), 0, 0)
+    assert SubgroupOptions().plan(60) == (("forget", "remind", "restore"), 10, 50)
+    assert SubgroupOptions().plan(2)[1:] == (1, 1)
+    assert SubgroupOptions(subgroup_forget_steps=2).plan(9)[1:] == (2, 7)
+    assert SubgroupOptions(subgroup_stages="restore,forget").plan(9) == (("forget", "restore"), 9, 0)
+    assert SubgroupOptions(subgroup_stages="remind").plan(9) == (("remind",), 0, 9)
+    assert SubgroupOptions(subgroup_stages="restore").plan(9) == (("restore",), 0, 0)

@@ -20,7 +20,7 @@ import torchvision.transforms as T
 from PIL import Image, ImageDraw, ImageFilter
 
 from cliperase.engine.models import load_model
-from cliperase.engine.preprocess import DRAFT_ERROR, FastPreprocess, FastTokenizer
+from cliperase.engine.data.preprocess import DRAFT_ERROR, FastPreprocess, FastTokenizer
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 keeping the last good checkpoint; unwritable outputs are refused up front; bf16 export."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 
@@ -10,9 +9,9 @@ import open_clip
 import pytest
 import torch
 
-from cliperase.engine import api
 from cliperase.engine.checkpoint import checkpoint_problem, complete_checkpoints
-from cliperase.engine.methods import get_method
+from cliperase.engine.methods import METHODS
+from cliperase.engine.methods.contrastive import FineTune
 from cliperase.engine.models import register_configs
 from helpers import run_args, tiny_checkpoint, tiny_data  # noqa: F401
 from launch import unlearn as cli
@@ -20,15 +19,14 @@ from launch import unlearn as cli
 
 def test_non_finite_loss_stops_with_the_step_the_term_and_the_last_checkpoint(tiny_data, tiny_checkpoint, tmp_path,
                                                                               monkeypatch, capsys):
-    ft = get_method("ft")
+    class NanFromStep4(FineTune):  # the retain loss turns NaN from the 4th step on
+        def objective(self, f):
+            losses = super().objective(f)
+            if f.step >= 3:
+                losses = {"loss": losses["loss"] * float("nan"), "retain_infonce": losses["retain_infonce"] * float("nan")}
+            return losses
 
-    def objective(f, cfg):  # the retain loss turns NaN from the 4th step on
-        losses = ft.objective(f, cfg)
-        if f.step >= 3:
-            losses = {"loss": losses["loss"] * float("nan"), "retain_infonce": losses["retain_infonce"] * float("nan")}
-        return losses
-
-    monkeypatch.setattr(api, "get_method", lambda name: dataclasses.replace(ft, objective=objective))
+    monkeypatch.setitem(METHODS, "ft", NanFromStep4)
     out = tmp_path / "nan"
     code = cli.main(run_args(tiny_data, out, pretrained=tiny_checkpoint, method="ft", steps=6, save_every=2)
                     + ["--set", "log_every=1"])
@@ -72,14 +70,13 @@ def test_bf16_export_loads_in_open_clip(tiny_data, tiny_checkpoint, tmp_path):
 
 def test_non_finite_gradient_is_caught_before_it_reaches_the_weights(tiny_data, tiny_checkpoint, tmp_path,
                                                                       monkeypatch, capsys):
-    ft = get_method("ft")
+    class NanGradientFromStep2(FineTune):  # finite loss, NaN gradient: d sqrt(u)/du = inf at u = 0, times du = 0
+        def objective(self, f):
+            losses = super().objective(f)
+            poison = torch.sqrt((f.retain.img - f.retain.img.detach()).pow(2).sum()) if f.step >= 1 else 0.0
+            return {**losses, "loss": losses["loss"] + poison}
 
-    def objective(f, cfg):  # finite loss, NaN gradient: d sqrt(u)/du = inf at u = 0, times du = 0
-        losses = ft.objective(f, cfg)
-        poison = torch.sqrt((f.retain_img - f.retain_img.detach()).pow(2).sum()) if f.step >= 1 else 0.0
-        return {**losses, "loss": losses["loss"] + poison}
-
-    monkeypatch.setattr(api, "get_method", lambda name: dataclasses.replace(ft, objective=objective))
+    monkeypatch.setitem(METHODS, "ft", NanGradientFromStep2)
     out = tmp_path / "nangrad"
     code = cli.main(run_args(tiny_data, out, pretrained=tiny_checkpoint, method="ft", steps=4, save_every=1)
                     + ["--set", "log_every=1"])

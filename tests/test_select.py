@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import webdataset as wds
 
 from cliperase.engine.errors import ConfigError
-from cliperase.engine.select import SelectConfig, _Reservoir, keys_sha256, select
-from cliperase.engine.synthetic import COLOURS, _encode, generate, write_pairs
+from cliperase.engine.tools.select import SelectConfig, _Reservoir, keys_sha256, select
+from cliperase.engine.tools.synthetic import COLOURS, _encode, generate, write_pairs
 from helpers import tiny_checkpoint  # noqa: F401  (a fixture)
 from launch.select_data import main
 

@@ -193,10 +193,11 @@ def test_by_shard_resume_continues_the_sequence_and_counts_bad_data_once(tmp_pat
 
 
 def test_data_split_is_checked():
+    from cliperase.engine import preflight
     from cliperase.engine.config import UnlearnConfig
 
     assert any(p.startswith("data_split: expected one of ['auto', 'sample', 'shard'], got 'rows'")
-               for p in UnlearnConfig(data_split="rows").problems())
+               for p in preflight.problems(UnlearnConfig(data_split="rows")))
     with pytest.raises(ValueError, match="split: expected one of"):
         PairStream([], None, list, 2, split="rows")
 

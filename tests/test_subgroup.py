@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from cliperase.engine.models import load_model
-from cliperase.engine.subgroup import Ema, fisher_scores, layer_groups, search_soup, soup, top_layers, trainable_only
+from cliperase.engine.methods.subgroup import Ema, fisher_scores, layer_groups, search_soup, soup, top_layers, trainable_only
 from helpers import run_args, tiny_checkpoint, tiny_data  # noqa: F401
 
 
@@ -154,7 +154,7 @@ def test_soup_is_exact_at_the_ends_and_where_the_models_agree():
 
 
 def test_eligible_layers_by_tower():
-    from cliperase.engine.subgroup import eligible_layers
+    from cliperase.engine.methods.subgroup import eligible_layers
 
     model = load_model("tiny-clip").model
     model.logit_scale.requires_grad_(True)
@@ -230,8 +230,8 @@ def test_setup_reuses_the_layers_in_its_state_on_resume(tiny_data):
     import copy
     from types import SimpleNamespace
 
-    from cliperase.engine import subgroup
     from cliperase.engine.config import UnlearnConfig
+    from cliperase.engine.methods import get_method
 
     lm = load_model("tiny-clip")
     lm.model.logit_scale.requires_grad_(False)
@@ -240,10 +240,10 @@ def test_setup_reuses_the_layers_in_its_state_on_resume(tiny_data):
         raise AssertionError(f"setup read {which} batches although the state has its layers")
 
     state = {"layers": ["visual.layer2.0"], "fisher": {"visual.layer2.0": 3.0}, "prompts": torch.zeros(1, 8)}
-    ctx = SimpleNamespace(cfg=UnlearnConfig(method="subgroup", eval_data=str(tiny_data / "eval"), forget_classes=("circle",)),
-                          student=lm.model, teacher=copy.deepcopy(lm.model), tokenizer=lm.tokenizer,
+    cfg = UnlearnConfig(method="subgroup", eval_data=str(tiny_data / "eval"), forget_classes=("circle",))
+    ctx = SimpleNamespace(cfg=cfg, student=lm.model, teacher=copy.deepcopy(lm.model), tokenizer=lm.tokenizer,
                           device=torch.device("cpu"), batches=no_data, state=state)
-    subgroup.setup(ctx)
+    get_method(cfg).setup(ctx)
     trainable = {n for n, p in lm.model.named_parameters() if p.requires_grad}
     assert trainable == set(layer_groups(lm.model)["visual.layer2.0"])
     assert state["prompts"].shape == (1, 8), "kept, not recomputed"
@@ -257,8 +257,8 @@ def test_demo_task_splits_the_training_pairs_by_attribute(name, shape, key, valu
     blue squares; stars on black), and its generator arguments draw only that subgroup."""
     import tarfile
 
-    from cliperase.engine.demo import DEMO_TASKS
-    from cliperase.engine.synthetic import generate, split_pairs
+    from cliperase.engine.tools.demo import DEMO_TASKS
+    from cliperase.engine.tools.synthetic import generate, split_pairs
 
     task = DEMO_TASKS[name]
     assert task.classes == (shape,) and task.forget_attributes == f"{key}={value}" and task.breakdown == key
@@ -288,15 +288,14 @@ def test_subgroup_resumed_mid_run_ends_at_the_uninterrupted_weights(tiny_data, t
     from cliperase.engine.checkpoint import CHECKPOINTS
 
     out = tmp_path / "run"
-    cfg = UnlearnConfig(model="tiny-clip", pretrained=str(tiny_checkpoint), forget_data=str(tiny_data / "forget"),
-                        retain_data=str(tiny_data / "retain"), eval_data=str(tiny_data / "eval"),
-                        forget_classes=("circle",), method="subgroup", steps=4, batch_size=8, lr=1e-4,
-                        subgroup_forget_steps=2, subgroup_layers=2, subgroup_fisher_batches=2, subgroup_ema_decay=0.5,
-                        soup_tolerance=1.0, save_every=2, output_dir=str(out))
+    cfg = UnlearnConfig.from_dict(dict(
+        model="tiny-clip", pretrained=str(tiny_checkpoint), forget_data=str(tiny_data / "forget"),
+        retain_data=str(tiny_data / "retain"), eval_data=str(tiny_data / "eval"), forget_classes=("circle",),
+        method="subgroup", steps=4, batch_size=8, lr=1e-4, subgroup_forget_steps=2, subgroup_layers=2,
+        subgroup_fisher_batches=2, subgroup_ema_decay=0.5, soup_tolerance=1.0, save_every=2, output_dir=str(out)))
     first = unlearn(cfg, progress=False)
     whole = load_model("tiny-clip", str(out / "model.pt")).model.state_dict()
-    again = unlearn(UnlearnConfig(**{**cfg.to_dict(), "forget_classes": cfg.forget_classes,
-                                     "resume": str(out / CHECKPOINTS / "step_00000002")}), progress=False)
+    again = unlearn(cfg.replace(resume=str(out / CHECKPOINTS / "step_00000002")), progress=False)
     resumed = load_model("tiny-clip", str(out / "model.pt")).model.state_dict()
     assert again["resumed_from"] and again["method_details"]["layers"] == first["method_details"]["layers"]
     assert again["method_details"]["soup"]["a"] == first["method_details"]["soup"]["a"]
@@ -306,7 +305,7 @@ def test_subgroup_resumed_mid_run_ends_at_the_uninterrupted_weights(tiny_data, t
 @pytest.fixture(scope="module")
 def demo_cache(tmp_path_factory):
     """The embedded default built from nothing, as `make demo` does (data, pretrained tiny-clip)."""
-    from cliperase.engine.demo import prepare_demo
+    from cliperase.engine.tools.demo import prepare_demo
 
     cache = tmp_path_factory.mktemp("demo-cache")
     prepare_demo(cache, say=lambda _: None, progress=False, task="red-circle")
@@ -327,8 +326,8 @@ def test_embedded_default_forgets_a_subgroup_and_keeps_its_siblings(method, task
     other backgrounds (benchmarks/results/compare-subgroup.md)."""
     from cliperase.engine import unlearn
     from cliperase.engine.data import load_eval_set
-    from cliperase.engine.demo import DEMO_TASKS, demo_config
-    from cliperase.engine.evaluate import evaluate, load_attributes
+    from cliperase.engine.tools.demo import DEMO_TASKS, demo_config
+    from cliperase.engine.eval import evaluate
 
     (cls,), ((by, forgotten),) = DEMO_TASKS[task].classes, DEMO_TASKS[task].where
     cfg = demo_config(demo_cache, output_dir=str(tmp_path / "run"), task=task, progress=False, method=method)
@@ -336,7 +335,7 @@ def test_embedded_default_forgets_a_subgroup_and_keeps_its_siblings(method, task
     assert report["before"]["zeroshot"]["forget_acc"] == 1.0, f"the original knows the {forgotten} {cls}s"
     lm = load_model(cfg.model, str(tmp_path / "run" / "model.pt"))
     ev = load_eval_set(cfg.eval_data, lm.preprocess)
-    attributes = load_attributes(cfg.eval_data)
+    attributes = ev.attributes
     after = evaluate(lm.model, lm.tokenizer, ev, cfg.forget_classes, attributes=attributes,
                      forget_where=cfg.forget_attributes, breakdown=by)
     original = load_model(cfg.model, cfg.pretrained)

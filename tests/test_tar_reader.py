@@ -23,8 +23,9 @@ from typing import Iterator, Optional
 import pytest
 import webdataset as wds
 
-from cliperase.engine import data as data_mod
-from cliperase.engine.data import SKIP_KINDS, ShardReader, _BadEnd, _split_name, _tar_files
+from cliperase.engine.data import SKIP_KINDS, ShardReader
+from cliperase.engine.data import tar as data_mod
+from cliperase.engine.data.tar import _BadEnd, _split_name, _tar_files
 
 
 def _tarfile_files(path: Path) -> list:

@@ -18,7 +18,7 @@ def _cfg(data: Path, ckpt: Path, out: Path, **kw) -> UnlearnConfig:
     base = dict(model="tiny-clip", pretrained=str(ckpt), forget_data=str(data / "forget"),
                 retain_data=str(data / "retain"), eval_data=str(data / "eval"), forget_classes=("circle",), steps=4,
                 batch_size=8, lr=1e-4, output_dir=str(out), log_every=1, save_every=0)
-    return UnlearnConfig(**{**base, **kw})
+    return UnlearnConfig.from_dict({**base, **kw})
 
 
 def _losses(out: Path) -> list:

@@ -16,12 +16,15 @@ import io
 import json
 import math
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import webdataset as wds
 from PIL import Image, ImageDraw
+
+from ..data import ShardReader
 
 __all__ = ["SHAPES", "COLOURS", "BACKGROUNDS", "TEMPLATES", "Sample", "generate", "write_default", "split_pairs"]
 
@@ -190,8 +193,6 @@ def write_default(
     """
     tmp = root.with_name(root.name + ".partial")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     say = progress or (lambda _msg: None)
     say(f"generating {n_train} training pairs")
@@ -213,30 +214,22 @@ def split_pairs(src: Path, root: Path, *, forget: Callable[[dict], bool], shard_
     `forget(meta)` gets each sample's decoded json. Samples without json go to retain. Writes into
     a temporary folder renamed into place, like `write_default`. Returns the count of each part.
     """
-    import tarfile
-
     tmp = root.with_name(root.name + ".partial")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     counts = {"forget": 0, "retain": 0}
     (tmp / "forget").mkdir(parents=True)
     (tmp / "retain").mkdir(parents=True)
     sinks = {part: wds.ShardWriter(str(tmp / part / "%05d.tar"), maxcount=shard_size, verbose=0) for part in counts}
     try:
-        for shard in sorted(Path(src).glob("*.tar")):
-            samples: Dict[str, dict] = {}
-            with tarfile.open(shard) as tar:
-                for member in tar:
-                    if member.isfile():
-                        key, _, ext = member.name.partition(".")
-                        samples.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
-            for key, sample in samples.items():
-                meta = json.loads(sample["json"]) if "json" in sample else {}
-                part = "forget" if forget(meta) else "retain"
-                sinks[part].write(sample)
-                counts[part] += 1
+        # Every sample as stored (unchecked), through the engine's one tar reader.
+        for stored in ShardReader([str(s) for s in sorted(Path(src).glob("*.tar"))], check_images="none",
+                                  check_samples=False):
+            sample = {k: v for k, v in stored.items() if k == "__key__" or not k.startswith("__")}
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+            part = "forget" if forget(meta) else "retain"
+            sinks[part].write(sample)
+            counts[part] += 1
     finally:
         for sink in sinks.values():
             sink.close()

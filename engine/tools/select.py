@@ -42,12 +42,14 @@ from typing import Callable, Dict, Iterator, List, Optional, Protocol, Sequence,
 
 import torch
 import torch.nn.functional as F
+import webdataset as wds
 from PIL import Image
 from torch import Tensor
 
-from .checkpoint import write_json
-from .data import _expand, ShardReader
-from .errors import ConfigError
+from ..checkpoint import write_json
+from ..data import ShardReader, expand_shards
+from ..errors import ConfigError
+from ..models import check_model_spec, load_model
 
 __all__ = ["SelectConfig", "ConceptEncoder", "ClipEncoder", "select", "keys_sha256", "SELECTION_MARKERS"]
 
@@ -103,7 +105,7 @@ class SelectConfig:
         if not self.data:
             p.append("data: no shards given")
         else:
-            urls = _expand(self.data)
+            urls = expand_shards(self.data)
             if not urls:
                 p.append(f"data: {self.data!r} matches no .tar shards")
             elif not any(Path(u).is_file() for u in urls):
@@ -133,7 +135,6 @@ class SelectConfig:
             if not self.model:
                 p.append("model: concept selection needs a teacher model (e.g. ViT-B-32 with --pretrained)")
             else:
-                from .models import check_model_spec
 
                 p.extend(check_model_spec(self.model, self.pretrained))
         elif self.threshold is not None or self.top_k is not None:
@@ -172,7 +173,7 @@ def _output_problems(cfg: SelectConfig) -> List[str]:
                  "pass overwrite (--overwrite) to replace it")
     # Replacing a selection deletes its forget/ and retain/: never when the input is read from there.
     replaced = [(out / m).resolve() for m in SELECTION_MARKERS + (_STAGING,)]
-    urls = [Path(u).resolve() for u in _expand(cfg.data)] if cfg.data else []
+    urls = [Path(u).resolve() for u in expand_shards(cfg.data)] if cfg.data else []
     inside = [u for u in urls if any(r == u or r in u.parents for r in replaced)]
     if inside:
         p.append(f"output_dir: input shards lie inside the selection it would write ({inside[0]}); "
@@ -200,7 +201,6 @@ class ClipEncoder:
     @classmethod
     def load(cls, name: str, pretrained: Optional[str], device: str = "auto") -> "ClipEncoder":
         """Raises ConfigError (from load_model) for an unknown model, tag or checkpoint file."""
-        from .models import load_model
 
         dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                            ("cpu" if device == "auto" else device))
@@ -250,8 +250,6 @@ class _Sink:
     with the count and the running sha256 of its keys."""
 
     def __init__(self, root: Path, name: str, keys_only: bool, shard_size: int):
-        import webdataset as wds
-
         self.count, self._hash = 0, hashlib.sha256()
         self.name = f"{name}.txt" if keys_only else name
         if keys_only:
@@ -318,7 +316,7 @@ def select(cfg: SelectConfig, *, encoder: Optional[ConceptEncoder] = None, progr
     """
     cfg.validate()
     t0 = time.perf_counter()
-    shards = _expand(cfg.data)
+    shards = expand_shards(cfg.data)
     kind = cfg.rule_kind()
     if kind == "concept" and encoder is None:
         encoder = ClipEncoder.load(cfg.model, cfg.pretrained, cfg.device)
@@ -408,97 +406,117 @@ def _batches(reader: ShardReader, size: int, bar) -> Iterator[List[dict]]:
         yield batch
 
 
+class _Decisions:
+    """Where each decided sample goes while the scan streams by: the forget / retain sinks, or (a
+    sampled retain set) the reservoir of retain candidates."""
+
+    def __init__(self, cfg: SelectConfig, staging: Path, top_k: Optional[int]):
+        sampled = cfg.retain_size is not None
+        self.sinks: Dict[str, _Sink] = {}
+        if top_k is None:
+            self.sinks["forget"] = _Sink(staging, "forget", cfg.keys_only, cfg.shard_size)
+            if not sampled:
+                self.sinks["retain"] = _Sink(staging, "retain", cfg.keys_only, cfg.shard_size)
+        # Top-k removes at most k of the retain candidates afterwards, so a reservoir k larger than
+        # the request still yields a uniform sample of the non-forget samples (see _Reservoir).
+        self.reservoir = _Reservoir(cfg.retain_size + (top_k or 0), cfg.seed) if sampled else None
+        self.candidates = 0
+
+    def __call__(self, sample: dict, ordinal: int, forget: bool) -> None:
+        if forget:
+            self.sinks["forget"].write(sample)
+        elif "retain" in self.sinks:
+            self.sinks["retain"].write(sample)
+        else:
+            self.reservoir.add((sample["__shard__"], sample["__key__"]), ordinal)
+        self.candidates += not forget
+
+
+def _scan_text(cfg: SelectConfig, reader: ShardReader, decide: _Decisions, bar) -> Tuple[int, dict]:
+    """Keywords, regexes or a key list: each sample decided as it streams by. Returns (samples, rule extras)."""
+    kind = cfg.rule_kind()
+    matcher = _text_matcher(cfg) if kind != "keys" else None
+    keys = _read_keys(cfg.keys_file) if kind == "keys" else set()
+    seen: Set[str] = set()
+    ordinal = 0
+    for sample in reader:
+        bar.update(1)
+        if matcher is None:
+            hit = sample["__key__"] in keys
+            if hit:
+                seen.add(sample["__key__"])
+        else:
+            hit = matcher(_caption(sample))
+        decide(sample, ordinal, hit)
+        ordinal += 1
+    if kind != "keys":
+        return ordinal, {}
+    missing = keys - seen
+    return ordinal, {"keys_listed": len(keys), "keys_not_found": len(missing),
+                     "keys_not_found_examples": sorted(missing)[:10]}
+
+
+def _scan_concept(cfg: SelectConfig, reader: ShardReader, encoder, decide: _Decisions, top: List[tuple],
+                  bar) -> Tuple[int, dict]:
+    """A concept prompt: samples scored in batches, decided by threshold as they stream by, or kept
+    in the `top` min-heap of (score, -ordinal, ident) for top-k. Returns (samples, rule extras)."""
+    top_k = cfg.top_k
+    lowest = None
+    ordinal = 0
+    prompt = F.normalize(encoder.encode_text([cfg.concept]).float(), dim=-1)[0]  # (D,)
+    for batch in _batches(reader, cfg.batch_size, bar):
+        if cfg.embedding == "image":
+            emb = encoder.encode_images([s.pop("__image__") for s in batch])
+        else:
+            emb = encoder.encode_text([_caption(s) for s in batch])
+        scores = (F.normalize(emb.float(), dim=-1) @ prompt).tolist()  # one host copy per batch
+        for sample, score in zip(batch, scores):
+            if top_k is None:
+                hit = score >= cfg.threshold
+                if hit and (lowest is None or score < lowest):
+                    lowest = score
+                decide(sample, ordinal, hit)
+            else:  # on ties the later sample leaves the heap
+                item = (score, -ordinal, (sample["__shard__"], sample["__key__"]))
+                if len(top) < top_k:
+                    heapq.heappush(top, item)
+                elif item > top[0]:
+                    heapq.heapreplace(top, item)
+                if decide.reservoir is not None:
+                    decide.reservoir.add(item[2], ordinal)
+            ordinal += 1
+    return ordinal, ({"lowest_forget_score": lowest} if top_k is None else {"cutoff_score": top[0][0] if top else None})
+
+
 def _scan(cfg: SelectConfig, reader: ShardReader, staging: Path, encoder, progress: bool) -> dict:
     """The pass over the corpus that decides. A set whose every decision is known as a sample
     streams by is written here ("sets": name -> its manifest entry); the others come back as
     the (ordinal, ident) of their samples in stream order ("ids": name -> list), or for a
     retain set of every non-forget sample as its size ("retain_rest")."""
-    kind = cfg.rule_kind()
-    top_k = cfg.top_k if kind == "concept" else None
-    sampled = cfg.retain_size is not None
-    sinks: Dict[str, _Sink] = {}
-    if top_k is None:
-        sinks["forget"] = _Sink(staging, "forget", cfg.keys_only, cfg.shard_size)
-        if not sampled:
-            sinks["retain"] = _Sink(staging, "retain", cfg.keys_only, cfg.shard_size)
-    # Top-k removes at most k of the retain candidates afterwards, so a reservoir k larger than
-    # the request still yields a uniform sample of the non-forget samples (see _Reservoir).
-    reservoir = _Reservoir(cfg.retain_size + (top_k or 0), cfg.seed) if sampled else None
-    top: List[tuple] = []  # min-heap of (score, -ordinal, ident): on ties the later sample leaves
-    stats = {"candidates": 0, "lowest": None}
-
-    def decided(sample: dict, ordinal: int, forget: bool) -> None:
-        if forget:
-            sinks["forget"].write(sample)
-        elif "retain" in sinks:
-            sinks["retain"].write(sample)
-        else:
-            reservoir.add((sample["__shard__"], sample["__key__"]), ordinal)
-        stats["candidates"] += not forget
-
-    extra: dict = {}
-    ordinal = 0
+    top_k = cfg.top_k if cfg.rule_kind() == "concept" else None
+    decide = _Decisions(cfg, staging, top_k)
+    top: List[tuple] = []
     with _progress("select", cfg.total, progress) as bar:
-        if kind in ("keywords", "regex", "keys"):
-            matcher = _text_matcher(cfg) if kind != "keys" else None
-            keys = _read_keys(cfg.keys_file) if kind == "keys" else set()
-            seen: Set[str] = set()
-            for sample in reader:
-                bar.update(1)
-                if matcher is None:
-                    hit = sample["__key__"] in keys
-                    if hit:
-                        seen.add(sample["__key__"])
-                else:
-                    hit = matcher(_caption(sample))
-                decided(sample, ordinal, hit)
-                ordinal += 1
-            if kind == "keys":
-                missing = keys - seen
-                extra = {"keys_listed": len(keys), "keys_not_found": len(missing),
-                         "keys_not_found_examples": sorted(missing)[:10]}
+        if cfg.rule_kind() == "concept":
+            ordinal, extra = _scan_concept(cfg, reader, encoder, decide, top, bar)
         else:
-            prompt = F.normalize(encoder.encode_text([cfg.concept]).float(), dim=-1)[0]  # (D,)
-            for batch in _batches(reader, cfg.batch_size, bar):
-                if cfg.embedding == "image":
-                    emb = encoder.encode_images([s.pop("__image__") for s in batch])
-                else:
-                    emb = encoder.encode_text([_caption(s) for s in batch])
-                scores = (F.normalize(emb.float(), dim=-1) @ prompt).tolist()  # one host copy per batch
-                for sample, score in zip(batch, scores):
-                    if top_k is None:
-                        hit = score >= cfg.threshold
-                        if hit and (stats["lowest"] is None or score < stats["lowest"]):
-                            stats["lowest"] = score
-                        decided(sample, ordinal, hit)
-                    else:
-                        item = (score, -ordinal, (sample["__shard__"], sample["__key__"]))
-                        if len(top) < top_k:
-                            heapq.heappush(top, item)
-                        elif item > top[0]:
-                            heapq.heapreplace(top, item)
-                        if sampled:
-                            reservoir.add(item[2], ordinal)
-                    ordinal += 1
-            extra = {"lowest_forget_score": stats["lowest"]} if top_k is None else \
-                {"cutoff_score": top[0][0] if top else None}
-
+            ordinal, extra = _scan_text(cfg, reader, decide, bar)
     ids: Dict[str, List[Tuple[int, Ident]]] = {}
     if top_k is not None:
         ids["forget"] = sorted((-neg, ident) for _, neg, ident in top)
-        stats["candidates"] = ordinal - len(top)
+        decide.candidates = ordinal - len(top)
     sampled_info = None
-    if sampled:
+    if decide.reservoir is not None:
         excluded = {ident for _, ident in ids.get("forget", [])}
-        ids["retain"] = reservoir.smallest(cfg.retain_size, excluded)
+        ids["retain"] = decide.reservoir.smallest(cfg.retain_size, excluded)
         if len(ids["retain"]) < cfg.retain_size:
             log.warning("retain_size %d > %d non-forget samples: retain holds all of them",
-                        cfg.retain_size, stats["candidates"])
-        sampled_info = {"requested": cfg.retain_size, "from": stats["candidates"], "seed": cfg.seed,
+                        cfg.retain_size, decide.candidates)
+        sampled_info = {"requested": cfg.retain_size, "from": decide.candidates, "seed": cfg.seed,
                         "method": "reservoir"}
     # Top-k without a retain sample: retain is every other sample, written by a second pass.
-    retain_rest = stats["candidates"] if top_k is not None and not sampled else None
-    return {"sets": {name: sink.close() for name, sink in sinks.items()}, "ids": ids, "sampled": sampled_info,
+    retain_rest = decide.candidates if top_k is not None and decide.reservoir is None else None
+    return {"sets": {name: sink.close() for name, sink in decide.sinks.items()}, "ids": ids, "sampled": sampled_info,
             "retain_rest": retain_rest, "rule_extra": extra}
 
 

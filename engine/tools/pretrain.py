@@ -11,11 +11,12 @@ import torch
 
 from cliperase.kernels import clip_infonce
 
-from .checkpoint import export_open_clip, write_json
-from .data import PairStream, loader, resolve_shards, shard_problems
-from .errors import ConfigError
-from .models import check_model_spec, load_model
-from .trainer import resolve_device, train_loop
+from ..checkpoint import export_open_clip
+from ..data import PairStream, loader, resolve_shards, shard_problems
+from ..errors import ConfigError
+from ..models import check_model_spec, load_model
+from ..progress import progress_bar
+from ..trainer import LossLog, TorchStepper, check_gradients, lr_factor, resolve_device
 
 __all__ = ["PretrainConfig", "pretrain"]
 
@@ -59,17 +60,24 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True, data_workers: int = 
     batches = loader(PairStream(resolve_shards(cfg.train_data, "train_data"), loaded.preprocess, loaded.tokenizer,
                                 cfg.batch_size, seed=cfg.seed, what="train_data"), data_workers)
 
-    def step():
+    stepper = TorchStepper(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                           lr_fn=lambda s: lr_factor(s, steps=cfg.steps, warmup_steps=cfg.warmup_steps, schedule="cosine"))
+    losses = LossLog()
+    t0 = time.perf_counter()
+    for step in progress_bar(range(cfg.steps), desc=f"pretrain[{cfg.model}]", enabled=progress):
         images, texts = next(batches)
         zi, zt, scale = model(images.to(device), texts.to(device))
-        loss = clip_infonce(zi, zt, scale.clamp(max=100.0))
-        return {"loss": loss, "logit_scale": scale.detach()}
-
-    t0 = time.perf_counter()
-    history = train_loop(model.parameters(), step, steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                         warmup_steps=cfg.warmup_steps, schedule="cosine", log_every=cfg.log_every,
-                         desc=f"pretrain[{cfg.model}]", progress=progress)
+        step_losses = {"loss": clip_infonce(zi, zt, scale.clamp(max=100.0)), "logit_scale": scale.detach()}
+        stepper.backward(step_losses["loss"])
+        log_step = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
+        if log_step:
+            check_gradients(stepper, step + 1, step_losses)  # before the update reaches the weights
+        stepper.step()
+        losses.add(step_losses)
+        if log_step:
+            losses.row(step + 1, stepper)
+        losses.next_step()
     out = Path(cfg.output)
     export_open_clip(model, out, meta={"model": cfg.model, "pretrain": asdict(cfg), "wall_s": time.perf_counter() - t0,
-                                       "final": history[-1]})
+                                       "final": losses.rows[-1]})
     return out

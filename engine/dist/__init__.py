@@ -1,5 +1,8 @@
 """Ranks and the global batch: the one place the local-vs-global row rule lives.
 
+DeepSpeed itself (process groups, ZeRO engines, consolidation) is in zero.py; its config in
+ds_config.py.
+
 Each rank holds `n` rows of a global batch of `world * n` rows; rank r's rows are
 `r * n .. (r + 1) * n` of it (the order `all_gather` concatenates in). Losses take local rows
 against global columns, so the positive of local row i sits at global column `r * n + i`.
@@ -14,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["launched", "rank", "world_size", "is_main", "barrier", "gather_rows"]
+__all__ = ["launched", "rank", "world_size", "is_main", "barrier", "broadcast", "gather_rows"]
 
 _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -39,6 +42,16 @@ def is_main() -> bool:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def broadcast(obj):
+    """Rank 0's `obj` on every rank (one process: `obj`). An exception object broadcast this way
+    lets every rank raise what rank 0 found."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def gather_rows(local: Tensor) -> Tuple[Tensor, Tensor, int]:

@@ -3,15 +3,17 @@ CLIPErase settings that make it forget one shape."""
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
-from .config import UnlearnConfig
+from ..config import UnlearnConfig, keys_for
+from ..errors import ConfigError
 from .pretrain import PretrainConfig, pretrain
 from .synthetic import generate, split_pairs, write_default, write_eval, SHAPES
 
-__all__ = ["DEMO_FORGET_CLASS", "DemoTask", "DEMO_TASKS", "demo_cache", "prepare_demo", "demo_config"]
+__all__ = ["DEMO_FORGET_CLASS", "DemoTask", "DEMO_TASKS", "demo_cache", "prepare_demo", "demo_fields", "demo_config"]
 
 DEMO_FORGET_CLASS = "circle"
 _CALIBRATION_SEED = 104729  # the calibration split's seed: neither train (0), eval (1) nor compare's holdout
@@ -67,8 +69,6 @@ def prepare_demo(cache: Optional[Path] = None, *, say: Callable[[str], None] = p
     its own rule (DEMO_TASKS) and has a calibration split; "circle" (the demo) keeps its data as it was.
     """
     if task not in DEMO_TASKS:
-        from .errors import ConfigError
-
         raise ConfigError([f"task: unknown demo task {task!r}; available: {', '.join(DEMO_TASKS)}"])
     cache = Path(cache or demo_cache()) / _PRETRAIN_VERSION
     data = cache / "data"
@@ -91,8 +91,6 @@ def prepare_demo(cache: Optional[Path] = None, *, say: Callable[[str], None] = p
             split_pairs(data / "train", split, forget=DEMO_TASKS[task].forgets)
     calibration = cache / "calibration" if task != "circle" else None
     if calibration is not None and not calibration.is_dir():
-        import shutil
-
         tmp = calibration.with_name("calibration.partial")  # renamed into place when complete
         shutil.rmtree(tmp, ignore_errors=True)
         write_eval(generate(1440, _CALIBRATION_SEED, prefix="cal-"), tmp, SHAPES)
@@ -101,10 +99,12 @@ def prepare_demo(cache: Optional[Path] = None, *, say: Callable[[str], None] = p
             "calibration": calibration}
 
 
-def demo_config(cache: Optional[Path] = None, output_dir: str = "runs/demo", task: str = "circle",
-                **overrides) -> UnlearnConfig:
-    """CLIPErase on the embedded default: forget every circle, keep the other shapes (or another
-    of DEMO_TASKS, e.g. "red-circle": forget red circles, keep circles of other colours)."""
+def demo_fields(cache: Optional[Path] = None, output_dir: str = "runs/demo", task: str = "circle",
+                **overrides) -> dict:
+    """The config keys of CLIPErase on the embedded default (data prepared first): forget every
+    circle, keep the other shapes (or another of DEMO_TASKS, e.g. "red-circle": forget red
+    circles, keep circles of other colours). Holds the options of whichever method uses them
+    (the subgroup method's calibration split), for comparisons that run several methods."""
     paths = prepare_demo(cache, progress=overrides.pop("progress", True), task=task)
     data = paths["data"]
     fields = dict(
@@ -115,7 +115,6 @@ def demo_config(cache: Optional[Path] = None, output_dir: str = "runs/demo", tas
         eval_data=str(data / "eval"),
         forget_classes=DEMO_TASKS[task].classes,
         forget_attributes=DEMO_TASKS[task].forget_attributes,
-        calibration_data=str(paths["calibration"]) if paths["calibration"] else None,
         method="cliperase",
         steps=60,
         batch_size=64,
@@ -123,5 +122,14 @@ def demo_config(cache: Optional[Path] = None, output_dir: str = "runs/demo", tas
         output_dir=output_dir,
         overwrite=True,  # the demo's own directory: re-running the demo replaces it
     )
+    if paths["calibration"]:
+        fields["calibration_data"] = str(paths["calibration"])
     fields.update(overrides)
-    return UnlearnConfig(**fields)
+    return fields
+
+
+def demo_config(cache: Optional[Path] = None, output_dir: str = "runs/demo", task: str = "circle",
+                **overrides) -> UnlearnConfig:
+    """`demo_fields` as the config of its method (default cliperase)."""
+    fields = demo_fields(cache, output_dir, task, **overrides)
+    return UnlearnConfig.from_dict(keys_for(fields["method"], fields))

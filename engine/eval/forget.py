@@ -18,6 +18,9 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..data import ShardReader, resolve_shards
+from ..errors import ConfigError
+
 __all__ = ["load_pairs", "pair_similarities", "similarity_histogram", "plot_similarity_histograms", "auc",
            "membership_inference_auc"]
 
@@ -28,9 +31,6 @@ def load_pairs(spec: str, preprocess: Callable, *, limit: Optional[int] = None, 
 
     Raises ConfigError when the spec matches no shards or yields no pair.
     """
-    from .data import ShardReader, resolve_shards
-    from .errors import ConfigError
-
     reader = ShardReader(resolve_shards(spec, what), check_images="decode")
     images, captions = [], []
     for sample in reader:

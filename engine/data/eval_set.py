@@ -1,0 +1,86 @@
+"""Evaluation sets in CLIP_benchmark's webdataset layout: a root with `classnames.txt`,
+`zeroshot_classification_templates.txt` and `test/{0..K-1}.tar` holding an image, `cls` and, for
+retrieval, `txt` captions (one per line); `{key}.json` attributes when present. Read once, through
+the engine's one tar reader."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from .tar import DECODE_ERRORS, IMAGE_EXTS, ShardReader, decode_image
+
+__all__ = ["EvalSet", "eval_set_problems", "eval_shards", "load_eval_set"]
+
+DEFAULT_TEMPLATES = ["a photo of a {c}."]
+
+
+@dataclass
+class EvalSet:
+    """An evaluation set, read once: images preprocessed, labels, captions and attributes per image."""
+
+    classnames: List[str]
+    templates: List[str]
+    images: Tensor  # (M, 3, H, W)
+    labels: Optional[Tensor]  # (M,) int64, or None for a retrieval-only set
+    captions: List[List[str]]  # per image; empty lists for a classification-only set
+    attributes: Optional[List[dict]] = None  # per image, its decoded {key}.json ({} without one)
+
+
+def eval_set_problems(root: Optional[str], what: str = "eval_data") -> List[str]:
+    if not root:
+        return [f"{what}: no evaluation set given"]
+    r = Path(root)
+    if not r.is_dir():
+        return [f"{what}: {root!r} is not a directory (expected CLIP_benchmark's webdataset layout)"]
+    if not list((r / "test").glob("*.tar")):
+        return [f"{what}: no shards in {r / 'test'} (expected test/0.tar, ...)"]
+    return []
+
+
+def eval_shards(root: str) -> List[Path]:
+    """The set's shards in CLIP_benchmark's order: test/0.tar, test/1.tar, ..., test/10.tar."""
+    return sorted((Path(root) / "test").glob("*.tar"), key=lambda p: (len(p.stem), p.stem))
+
+
+def load_eval_set(root: str, preprocess: Callable) -> EvalSet:
+    """Read an evaluation set (raises ConfigError naming what is wrong with it). Samples without
+    an image are passed over, as CLIP_benchmark's loader does."""
+    problems = eval_set_problems(root)
+    if problems:
+        raise ConfigError(problems)
+    r = Path(root)
+    images, labels, captions, attributes = [], [], [], []
+    reader = ShardReader([str(s) for s in eval_shards(root)], check_images="none", check_samples=False)
+    for sample in reader:
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if ext is None:
+            continue
+        try:
+            images.append(preprocess(decode_image(sample[ext])))
+        except DECODE_ERRORS as exc:
+            raise ConfigError([f"eval_data: image {sample['__key__']!r} of {sample['__url__']} does not decode "
+                               f"({type(exc).__name__}: {exc})"]) from exc
+        if "cls" in sample:
+            labels.append(int(sample["cls"]))
+        text = sample.get("txt", b"").decode("utf-8", "replace")
+        captions.append([c for c in text.splitlines() if c.strip()])
+        attributes.append(json.loads(sample["json"]) if "json" in sample else {})
+    shards = eval_shards(root)
+    if not images:
+        raise ConfigError([f"eval_data: no images in {len(shards)} shards under {r / 'test'}"])
+    if labels and len(labels) != len(images):
+        raise ConfigError([f"eval_data: {len(images) - len(labels)} of {len(images)} samples have no 'cls' label"])
+    return EvalSet(_lines(r / "classnames.txt"), _lines(r / "zeroshot_classification_templates.txt") or DEFAULT_TEMPLATES,
+                   torch.stack(images), torch.tensor(labels) if labels else None, captions, attributes)
+
+
+def _lines(path: Path) -> List[str]:
+    if not path.is_file():
+        return []
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]

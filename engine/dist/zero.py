@@ -1,0 +1,180 @@
+"""DeepSpeed plumbing: when a run goes through it, its process group, the ZeRO engine around the
+student (and a sharded live teacher), and the consolidated state dict after training.
+
+Everything here imports deepspeed lazily: a plain single-process run never pays its import.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..checkpoint import write_json
+from ..errors import ConfigError
+from ..models import Towers
+from ..trainer import DeepSpeedStepper, TorchStepper, make_optimizer
+from . import launched
+from .ds_config import build_ds_config
+
+if TYPE_CHECKING:
+    from ..config import UnlearnConfig
+
+__all__ = ["uses_deepspeed", "init_process_group", "Training", "build_training", "full_state_dict"]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def uses_deepspeed(cfg: "UnlearnConfig") -> bool:
+    """Started by a launcher, or asking for ZeRO or mixed precision: the run goes through DeepSpeed."""
+    return launched() or cfg.zero_stage > 0 or cfg.precision != "fp32"
+
+
+def _check_precision_supported(precision: str) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    supported = {"fp32": True, "bf16": acc.is_bf16_supported(), "fp16": acc.is_fp16_supported()}[precision]
+    if not supported:
+        raise ConfigError([f"precision: {precision} is not supported by DeepSpeed's {acc.device_name()} accelerator "
+                           "on this machine; use bf16 or fp32"])
+
+
+def init_process_group(cfg: "UnlearnConfig", device: torch.device) -> torch.device:
+    """One process group per process: the launcher's (env://), or a private 1-process one for
+    DeepSpeed runs started without a launcher. Returns the rank's device (its own GPU when
+    launched on CUDA). Raises ConfigError for a precision the accelerator lacks."""
+    import deepspeed
+
+    _check_precision_supported(cfg.precision)
+    if launched() and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if torch.distributed.is_initialized() or launched():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        if backend == "gloo":  # the segments are the CPU accelerator's; no barrier before a CUDA device is set
+            _unlink_shm_allreduce_segments()
+        return device
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    # DeepSpeed's engine insists on LOCAL_RANK (launchers set it). RANK and WORLD_SIZE stay
+    # unset, so later runs in this process are not mistaken for launched ones.
+    os.environ.setdefault("LOCAL_RANK", "0")
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return device
+
+
+def _unlink_shm_allreduce_segments() -> None:
+    """DeepSpeed's CPU shared-memory allreduce (its `deepspeed_shm_comm` op, used when every rank
+    is on one machine) creates a 66 MB segment per rank in /dev/shm and never unlinks it, so each
+    CPU launcher run left world_size x 66 MB of RAM behind until reboot (a day of test runs here:
+    296 segments, 20 GB, then the OOM killer). init_distributed returns once this rank has mapped
+    every peer's segment; after a barrier all ranks have, so the names can go: the mappings stay
+    valid, and the memory is freed when the processes exit, killed ones included."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not (addr and port and torch.distributed.is_initialized()):
+        return
+    torch.distributed.barrier()
+    # deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> in 0.19.8; the * also takes a name without the uid.
+    for seg in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*{addr}_{port}_{torch.distributed.get_rank()}"):
+        seg.unlink(missing_ok=True)
+
+
+def _scalar_params_for_deepspeed(clip: nn.Module) -> Dict[str, torch.Size]:
+    """DeepSpeed's start-up broadcast fails on 0-dim parameters (PITFALLS 1), and open_clip's
+    logit_scale is one: a frozen 0-dim parameter becomes a buffer, a trained one a 1-element
+    parameter. Returns {name: original shape} of the changed ones, to restore on export."""
+    changed = {}
+    for name, param in list(clip.named_parameters(recurse=False)):
+        if param.dim() != 0:
+            continue
+        changed[name] = param.shape
+        del clip._parameters[name]
+        if param.requires_grad:
+            clip.register_parameter(name, nn.Parameter(param.detach().reshape(1).clone()))
+        else:
+            clip.register_buffer(name, param.detach().clone())
+    return changed
+
+
+@dataclass
+class Training:
+    """What the training loop drives: `forward(images, texts) -> (img, txt, scale)`, the stepper,
+    the teacher's encoder for live-teacher runs, and (DeepSpeed) what consolidation needs."""
+
+    forward: Callable
+    stepper: object
+    encode_teacher: Callable
+    towers: Optional[Towers] = None  # DeepSpeed: the wrapped student
+    buffers: Dict[str, Tensor] = field(default_factory=dict)  # DeepSpeed: state-dict entries never trained
+    shapes: Dict[str, torch.Size] = field(default_factory=dict)  # DeepSpeed: 0-dim parameters reshaped for it
+
+
+def build_training(cfg: "UnlearnConfig", student: nn.Module, teacher: Optional[nn.Module], *, live_teacher: bool,
+                   use_ds: bool, world: int, ds_config_path: Optional[Path], lr_fn: Callable[[int], float]) -> Training:
+    """Plain torch (TorchStepper) or a DeepSpeed engine around the student; under ZeRO-3 a live
+    teacher becomes a sharded inference engine too. `ds_config_path`: where to write the
+    DeepSpeed config (rank 0), or None."""
+    encode_teacher = lambda x, t: (teacher.encode_image(x), teacher.encode_text(t))  # noqa: E731
+    if not use_ds:
+        stepper = TorchStepper(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, lr_fn=lr_fn,
+                               accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, module=student)
+        return Training(Towers(student), stepper, encode_teacher)
+    import deepspeed
+
+    ds_config = build_ds_config(cfg, world)
+    if ds_config_path is not None:
+        write_json(ds_config, ds_config_path)
+    shapes = _scalar_params_for_deepspeed(student)
+    # The state dict's buffers (BN statistics, a frozen logit_scale) are never trained: kept as loaded.
+    params = {k for k, _ in student.named_parameters()}
+    buffers = {k: v.detach().cpu().clone() for k, v in student.state_dict().items() if k not in params}
+    towers = Towers(student, zero3=cfg.zero_stage == 3, input_dtype=_DTYPES.get(cfg.precision, torch.float32))
+    # A client torch AdamW (no JIT-built DeepSpeed Adam) and the engine's own lr schedule.
+    engine, *_ = deepspeed.initialize(model=towers, optimizer=make_optimizer(towers.parameters(), cfg.lr, cfg.weight_decay),
+                                      config=ds_config,
+                                      lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_fn))
+    if teacher is not None and live_teacher and cfg.zero_stage == 3:
+        encode_teacher = _sharded_teacher(teacher, ds_config, towers.input_dtype)
+    return Training(engine, DeepSpeedStepper(engine), encode_teacher, towers, buffers, shapes)
+
+
+def _sharded_teacher(teacher: nn.Module, ds_config: dict, dtype: torch.dtype) -> Callable:
+    """A live teacher under ZeRO-3 inference: its parameters sharded across ranks like the
+    student's and gathered layer by layer in its forward, in the run's precision; no optimizer.
+    (The cache, the default, needs no teacher at all during training.)"""
+    import deepspeed
+
+    _scalar_params_for_deepspeed(teacher)
+    teacher_towers = Towers(teacher, zero3=True, input_dtype=dtype)
+    config = {k: v for k, v in ds_config.items() if k not in ("gradient_clipping", "zero_allow_untested_optimizer")}
+    engine, *_ = deepspeed.initialize(model=teacher_towers, config=config)
+    engine.eval()
+    return lambda x, t: engine(x, t)[:2]
+
+
+def full_state_dict(training: Training) -> Dict[str, Tensor]:
+    """The whole model's fp32 state dict, on every rank (collective under ZeRO: every rank calls
+    it). Parameters come from the optimizer's fp32 master copy where DeepSpeed keeps one (ZeRO
+    1-3, bf16), else from the module; buffers (never trained) are the original model's."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    shapes = training.shapes
+    state = {}
+    for name, param in training.towers.clip.named_parameters():
+        full = safe_get_full_fp32_param(param) if param.requires_grad else None
+        if full is None:
+            with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+                full = param.detach().clone()
+        state[name] = full.detach().float().cpu().reshape(shapes.get(name, full.shape))
+    for name, value in training.buffers.items():
+        state[name] = value.reshape(shapes.get(name, value.shape))
+    return state
