@@ -9,7 +9,6 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-IMPLS = ("ref", "chunked", "triton")
 TRITON_DEFAULT_ON_CUDA = False  # see resolve_impl
 
 

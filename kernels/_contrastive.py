@@ -19,40 +19,23 @@ Statistics saved for backward, per row (and per column in symmetric mode), all f
 forms the gradient wrt the logits, `c_inf (p - onehot) + c_kl (p - p0)`, never an N x N matrix.
 
 A backend provides two primitives (see `_ChunkedBackend`; the Triton one lives in
-`_triton_contrastive.py` and is imported only when asked for):
-- `stats(pass, s, s0, with_kl, col_stats)` -> `_Stats` for the rows (and columns);
+`_triton_contrastive.py` and is imported only when asked for; both use the layout types of
+`_layout.py`):
+- `stats(pass, s, s0, with_kl, col_stats)` -> `Stats` for the rows (and columns);
 - `grads(pass, s, s0, rows, cols, coef, want_ds, want_ds0)` -> (dA, dB, ds, ds0), with
   `coef = [c_inf_row, c_kl_row, c_inf_col, c_kl_col]` a 4-element fp32 tensor (no host sync).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from ._layout import Pass, Stats
+
 __all__ = ["contrastive_loss", "ChunkedConfig", "DEFAULT_CHUNKED_CONFIG"]
-
-
-class _Pass(NamedTuple):
-    """One (n x N) logits block. Teacher tensors are None without the KL; ids None unmasked."""
-
-    a: Tensor  # (n, d) rows (student)
-    b: Tensor  # (N, d) columns (student)
-    a0: Optional[Tensor]  # (n, d) teacher rows
-    b0: Optional[Tensor]  # (N, d) teacher columns
-    row_offset: int  # positive of row i is column row_offset + i
-    row_ids: Optional[Tensor]  # (n,) int64 caption ids of the rows
-    col_ids: Optional[Tensor]  # (N,) int64 caption ids of the columns
-
-
-class _Stats(NamedTuple):
-    """Per-row (or per-column) fp32 statistics of one direction; lse0 and kl None without KL."""
-
-    lse: Tensor
-    lse0: Optional[Tensor]
-    kl: Optional[Tensor]
 
 
 @dataclass(frozen=True)
@@ -76,8 +59,8 @@ def _merge(lse, lse0, q, t_lse, t_lse0, t_q):
     return new_lse, new_lse0, q
 
 
-def _finish(lse, lse0, q) -> _Stats:
-    return _Stats(lse, lse0, None if lse0 is None else q - lse0 + lse)
+def _finish(lse, lse0, q) -> Stats:
+    return Stats(lse, lse0, None if lse0 is None else q - lse0 + lse)
 
 
 class _ChunkedBackend:
@@ -90,7 +73,7 @@ class _ChunkedBackend:
     def __init__(self, config: Optional[ChunkedConfig] = None):
         self.config = config or ChunkedConfig()
 
-    def _tile(self, p: _Pass, s, s0, r0, r1, c0, c1, a, a0):
+    def _tile(self, p: Pass, s, s0, r0, r1, c0, c1, a, a0):
         b = p.b[c0:c1].float()
         dot = a @ b.T
         logits = s * dot
@@ -106,7 +89,7 @@ class _ChunkedBackend:
             logits0 = s0 * dot0
         return b, dot, logits, dot0, logits0
 
-    def stats(self, p: _Pass, s, s0, with_kl: bool, col_stats: bool):
+    def stats(self, p: Pass, s, s0, with_kl: bool, col_stats: bool):
         n, big_n = p.a.shape[0], p.b.shape[0]
         bm, bn = self.config.block_m, self.config.block_n
         dev = p.a.device
@@ -148,7 +131,7 @@ class _ChunkedBackend:
         cols = _finish(*cols_acc) if col_stats else None
         return rows, cols
 
-    def grads(self, p: _Pass, s, s0, rows: _Stats, cols: Optional[_Stats], coef: Tensor, want_ds: bool, want_ds0: bool):
+    def grads(self, p: Pass, s, s0, rows: Stats, cols: Optional[Stats], coef: Tensor, want_ds: bool, want_ds0: bool):
         n, big_n = p.a.shape[0], p.b.shape[0]
         bm, bn = self.config.block_m, self.config.block_n
         dev = p.a.device
@@ -212,7 +195,7 @@ class _ContrastiveLossFn(torch.autograd.Function):
         backend, with_inf, with_kl, row_offset = spec
         passes, slots, symmetric = _passes(zi, zt, zi_all, zt_all, zi0, zt0, zi0_all, zt0_all, caption_ids, row_offset, with_kl)
         n = zi.shape[0]
-        stats: List[Tuple[_Stats, Optional[_Stats]]] = []
+        stats: List[Tuple[Stats, Optional[Stats]]] = []
         for p in passes:
             stats.append(backend.stats(p, s, s0, with_kl, symmetric))
         infonce = torch.zeros((), device=zi.device)
@@ -245,7 +228,7 @@ class _ContrastiveLossFn(torch.autograd.Function):
                 sides.append(None)
                 continue
             lse = next(it)
-            sides.append(_Stats(lse, next(it), next(it)) if has_kl else _Stats(lse, None, None))
+            sides.append(Stats(lse, next(it), next(it)) if has_kl else Stats(lse, None, None))
         stats = [(sides[i], sides[i + 1]) for i in range(0, len(sides), 2)]
         passes, slots, symmetric = _passes(zi, zt, zi_all, zt_all, zi0, zt0, zi0_all, zt0_all, caption_ids, row_offset, with_kl)
         n = zi.shape[0]
@@ -298,14 +281,14 @@ def _passes(zi, zt, zi_all, zt_all, zi0, zt0, zi0_all, zt0_all, caption_ids, row
     c_ids = caption_ids
 
     if symmetric:
-        return [_Pass(zi, zt, zi0, zt0, 0, r_ids, c_ids)], [("zi", "zt")], True
+        return [Pass(zi, zt, zi0, zt0, 0, r_ids, c_ids)], [("zi", "zt")], True
     cols_t = zt if zt_all is None else zt_all
     cols_i = zi if zi_all is None else zi_all
     cols_t0 = None if not with_kl else (zt0 if zt0_all is None else zt0_all)
     cols_i0 = None if not with_kl else (zi0 if zi0_all is None else zi0_all)
     passes = [
-        _Pass(zi, cols_t, zi0, cols_t0, row_offset, r_ids, c_ids),
-        _Pass(zt, cols_i, zt0, cols_i0, row_offset, r_ids, c_ids),
+        Pass(zi, cols_t, zi0, cols_t0, row_offset, r_ids, c_ids),
+        Pass(zt, cols_i, zt0, cols_i0, row_offset, r_ids, c_ids),
     ]
     slots = [("zi", "zt" if zt_all is None else "zt_all"), ("zt", "zi" if zi_all is None else "zi_all")]
     return passes, slots, False

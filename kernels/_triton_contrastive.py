@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._contrastive import _Pass, _Stats
+from ._layout import Pass, Stats
 
 __all__ = ["TritonBackend", "TritonConfig"]
 
@@ -310,7 +310,7 @@ class TritonBackend:
             return _INTERPRETER_CONFIG
         return TritonConfig(block_n=64) if with_kl else TritonConfig()
 
-    def stats(self, p: _Pass, s: Tensor, s0: Tensor, with_kl: bool, col_stats: bool):
+    def stats(self, p: Pass, s: Tensor, s0: Tensor, with_kl: bool, col_stats: bool):
         cfg = self._config(p.a, with_kl)
         a, b, a0, b0 = (_rowmajor(t) for t in (p.a, p.b, p.a0, p.b0))
         n, big_n, d = a.shape[0], b.shape[0], a.shape[1]
@@ -344,7 +344,7 @@ class TritonBackend:
         cols = _combine(col_lse, col_lse0 if with_kl else None, col_q) if col_stats else None
         return rows, cols
 
-    def grads(self, p: _Pass, s, s0, rows: _Stats, cols: Optional[_Stats], coef: Tensor, want_ds: bool, want_ds0: bool):
+    def grads(self, p: Pass, s, s0, rows: Stats, cols: Optional[Stats], coef: Tensor, want_ds: bool, want_ds0: bool):
         with_kl = p.a0 is not None
         cfg = self._config(p.a, with_kl)
         a, b, a0, b0 = (_rowmajor(t) for t in (p.a, p.b, p.a0, p.b0))
@@ -393,11 +393,11 @@ class TritonBackend:
         return da, db, ds, ds0
 
 
-def _combine(lse_p: Tensor, lse0_p: Optional[Tensor], q_p: Tensor) -> _Stats:
-    """Merge (parts, size) partial statistics into one `_Stats` of `size` entries."""
+def _combine(lse_p: Tensor, lse0_p: Optional[Tensor], q_p: Tensor) -> Stats:
+    """Merge (parts, size) partial statistics into one `Stats` of `size` entries."""
     lse = torch.logsumexp(lse_p, 0)
     if lse0_p is None:
-        return _Stats(lse, None, None)
+        return Stats(lse, None, None)
     lse0 = torch.logsumexp(lse0_p, 0)
     q = (torch.exp(lse0_p - lse0) * q_p).sum(0)
-    return _Stats(lse, lse0, q - lse0 + lse)
+    return Stats(lse, lse0, q - lse0 + lse)

@@ -100,8 +100,9 @@ def clip_infonce(
     """Symmetric CLIP InfoNCE; arguments as `clip_infonce_ref`.
 
     `impl`: "ref" (materialised), "chunked" (plain torch, never N x N), "triton" (fused GPU
-    kernel; CUDA tensors, or CPU ones under TRITON_INTERPRET=1 for tests); default: Triton on
-    CUDA when importable, else chunked. "chunked" and "triton" save only per-row (and
+    kernel; CUDA tensors, or CPU ones under TRITON_INTERPRET=1 for tests); default: see
+    `_common.resolve_impl` (chunked on CPU; on CUDA Triton when `TRITON_DEFAULT_ON_CUDA` is set
+    and Triton imports, else chunked). "chunked" and "triton" save only per-row (and
     per-column) log-sum-exps and recompute the logits in backward; they support `caption_ids`.
     Raises ValueError for malformed shapes, dtypes, devices, row offsets or `caption_ids`, or
     for impl="triton" on CPU tensors without the Triton interpreter.
