@@ -61,6 +61,47 @@ def check_columns(local: Tensor, name: str, cols: Optional[Tensor], row_offset: 
     return cols
 
 
+def check_caption_ids(caption_ids: Optional[Tensor], columns: Sequence[Tensor]) -> Optional[Tensor]:
+    """Validate global caption ids against the global columns; return them as int64 (or None).
+
+    `caption_ids`: (N,) integer ids over the global batch, one per column of every direction,
+    so every tensor in `columns` must have N rows. The caller's tensor is never modified.
+    """
+    if caption_ids is None:
+        return None
+    if not isinstance(caption_ids, Tensor):
+        raise ValueError(f"caption_ids: expected a torch.Tensor, got {type(caption_ids).__name__}")
+    big_n = columns[0].shape[0]
+    if caption_ids.dim() != 1 or caption_ids.shape[0] != big_n:
+        raise ValueError(
+            f"caption_ids: expected a 1-D tensor of length N_global={big_n}, got shape {tuple(caption_ids.shape)}"
+        )
+    for cols in columns[1:]:
+        if cols.shape[0] != big_n:
+            raise ValueError(
+                f"caption_ids: needs both directions over the same N_global columns, got {big_n} and {cols.shape[0]}"
+            )
+    if caption_ids.is_floating_point() or caption_ids.is_complex() or caption_ids.dtype == torch.bool:
+        raise ValueError(f"caption_ids: expected an integer tensor, got {caption_ids.dtype}")
+    if caption_ids.device != columns[0].device:
+        raise ValueError(f"caption_ids: expected a tensor on {columns[0].device}, got {caption_ids.device}")
+    return caption_ids.long()
+
+
+def false_negatives(caption_ids: Optional[Tensor], row_offset: int, n: int) -> Optional[Tensor]:
+    """(n, N) bool: True where row i and column j have equal ids and j is not i's positive.
+
+    The materialised mask the references apply; None without caption ids.
+    """
+    if caption_ids is None:
+        return None
+    rows = caption_ids[row_offset : row_offset + n]
+    same = rows[:, None] == caption_ids[None, :]
+    i = torch.arange(n, device=caption_ids.device)
+    same[i, i + row_offset] = False
+    return same
+
+
 def resolve_impl(impl: Optional[str], tensors: Sequence[Tensor], available: Sequence[str]) -> str:
     """Pick the backend: an explicit `impl`, else by device.
 

@@ -48,6 +48,9 @@ class ChunkedConfig:
 DEFAULT_CHUNKED_CONFIG = ChunkedConfig()
 
 
+_MASKED_LOGIT = -1e30  # far below any logit (|S| <= s <= 100) yet finite: see _ChunkedBackend._tile
+
+
 def _merge(lse, lse0, q, t_lse, t_lse0, t_q):
     """Online merge of two partial (lse, lse0, q) triples; q = E_{p0}[S0 - S] over the part."""
     new_lse = torch.logaddexp(lse, t_lse)
@@ -77,16 +80,22 @@ class _ChunkedBackend:
         b = p.b[c0:c1].float()
         dot = a @ b.T
         logits = s * dot
-        if p.row_ids is not None:
-            same = p.row_ids[r0:r1, None] == p.col_ids[None, c0:c1]
-            rows = torch.arange(r0, r1, device=a.device)[:, None] + p.row_offset
-            cols = torch.arange(c0, c1, device=a.device)[None, :]
-            # Equal captions are false negatives; the positive itself stays.
-            logits = logits.masked_fill(same & (rows != cols), float("-inf"))
         dot0 = logits0 = None
         if p.a0 is not None:
             dot0 = a0 @ p.b0[c0:c1].float().T
             logits0 = s0 * dot0
+        if p.row_ids is not None:
+            same = p.row_ids[r0:r1, None] == p.col_ids[None, c0:c1]
+            rows = torch.arange(r0, r1, device=a.device)[:, None] + p.row_offset
+            cols = torch.arange(c0, c1, device=a.device)[None, :]
+            # Equal captions are false negatives (the positive itself stays), for the student
+            # and the teacher alike. A finite fill: exp() of it is 0, and the KL's S0 - S and
+            # log p0 - log p are 0 there instead of the nan of -inf - -inf, even in a tile
+            # whose pairs are all masked.
+            masked = same & (rows != cols)
+            logits = logits.masked_fill(masked, _MASKED_LOGIT)
+            if logits0 is not None:
+                logits0 = logits0.masked_fill(masked, _MASKED_LOGIT)
         return b, dot, logits, dot0, logits0
 
     def stats(self, p: Pass, s, s0, with_kl: bool, col_stats: bool):
@@ -317,18 +326,10 @@ def contrastive_loss(
 
     Inputs are already validated by the public functions. `s`, `s0`: 0-dim fp32 scales
     (`s0` may be the same tensor as `s`, as in the reference, and then receives the teacher
-    path's gradient too). `backend`: "chunked" or "triton"; `config` a `ChunkedConfig` or a
-    Triton `TritonConfig` (None: the defaults). Raises ValueError for a malformed `caption_ids`.
+    path's gradient too). `caption_ids`: None or (N,) int64, checked by the caller
+    (`_common.check_caption_ids`). `backend`: "chunked" or "triton"; `config` a `ChunkedConfig`
+    or a Triton `TritonConfig` (None: the defaults). Raises ValueError for an unknown backend.
     """
-    if caption_ids is not None:
-        big_n = (zt if zt_all is None else zt_all).shape[0]
-        other_n = (zi if zi_all is None else zi_all).shape[0]
-        if caption_ids.dim() != 1 or caption_ids.shape[0] != big_n or other_n != big_n:
-            raise ValueError(
-                f"caption_ids: expected a 1-D tensor of length N_global={big_n}, got shape {tuple(caption_ids.shape)}"
-            )
-        if caption_ids.device != zi.device:
-            raise ValueError(f"caption_ids: expected a tensor on {zi.device}, got {caption_ids.device}")
     if backend == "chunked":
         impl = _ChunkedBackend(config or DEFAULT_CHUNKED_CONFIG)
     elif backend == "triton":

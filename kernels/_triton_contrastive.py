@@ -123,28 +123,37 @@ def _stats_fwd_kernel(
         if COL_STATS:
             cm = tl.max(masked, 0)
             cm_shift = tl.where(cm == neg_inf, 0.0, cm)
-            # Padding columns (all -inf) get sum 1 instead of 0: their store is masked anyway,
-            # and the interpreter would warn about log(0).
-            c_sum = tl.where(col_ok, tl.sum(tl.exp(masked - cm_shift[None, :]), 0), 1.0)
-            c_lse = cm_shift + tl.log(c_sum)
+            c_lse, _ = _partial_lse(cm_shift, tl.sum(tl.exp(masked - cm_shift[None, :]), 0))
             tl.store(col_lse_ptr + pid_m * N + cols, c_lse, mask=col_ok)
             if HAS_KL:
                 cm0 = tl.max(masked0, 0)
                 cm0_shift = tl.where(cm0 == neg_inf, 0.0, cm0)
                 ce0 = tl.exp(masked0 - cm0_shift[None, :])
-                cl0 = tl.where(col_ok, tl.sum(ce0, 0), 1.0)
+                c_lse0, cl0 = _partial_lse(cm0_shift, tl.sum(ce0, 0))
                 cq = tl.sum(tl.where(valid, ce0 * (logits0 - logits), 0.0), 0) / cl0
-                tl.store(col_lse0_ptr + pid_m * N + cols, cm0_shift + tl.log(cl0), mask=col_ok)
+                tl.store(col_lse0_ptr + pid_m * N + cols, c_lse0, mask=col_ok)
                 tl.store(col_q_ptr + pid_m * N + cols, cq, mask=col_ok)
     m_shift = tl.where(m_i == neg_inf, 0.0, m_i)
-    # A real row whose columns in this split are all masked keeps l = 0 (lse -inf, merged
-    # away by the host); padding rows get 1 to keep log/divide quiet.
-    l_i = tl.where(row_ok, l_i, 1.0)
-    tl.store(row_lse_ptr + pid_s * n + rows, m_shift + tl.log(l_i), mask=row_ok)
+    lse, _ = _partial_lse(m_shift, l_i)
+    tl.store(row_lse_ptr + pid_s * n + rows, lse, mask=row_ok)
     if HAS_KL:
-        l0_i = tl.where(row_ok, l0_i, 1.0)
-        tl.store(row_lse0_ptr + pid_s * n + rows, m0_i + tl.log(l0_i), mask=row_ok)
-        tl.store(row_q_ptr + pid_s * n + rows, q_i / l0_i, mask=row_ok)
+        m0_shift = tl.where(m0_i == neg_inf, 0.0, m0_i)
+        lse0, l0_safe = _partial_lse(m0_shift, l0_i)
+        tl.store(row_lse0_ptr + pid_s * n + rows, lse0, mask=row_ok)
+        tl.store(row_q_ptr + pid_s * n + rows, q_i / l0_safe, mask=row_ok)
+
+
+@triton.jit
+def _partial_lse(m_shift, l):
+    """(lse, l or 1) of a partial sum `l = sum exp(x - m_shift)` that may be empty (l = 0).
+
+    A row (column) whose pairs in this part are all masked, and a padding row, have l = 0:
+    their lse is -inf (merged away by the host) and q's divisor 1, not the nan of 0 / 0;
+    log() never sees 0 (the interpreter would warn).
+    """
+    has = l > 0
+    l_safe = tl.where(has, l, 1.0)
+    return tl.where(has, m_shift + tl.log(l_safe), float("-inf")), l_safe
 
 
 @triton.jit
