@@ -35,17 +35,51 @@ from torch import Tensor
 
 from ._layout import Pass, Stats
 
-__all__ = ["contrastive_loss", "ChunkedConfig", "DEFAULT_CHUNKED_CONFIG"]
+__all__ = ["contrastive_loss", "ChunkedConfig", "DEFAULT_CHUNKED_CONFIG", "TILE_DTYPES", "tile_dtype"]
+
+
+TILE_DTYPES = ("auto", "input", "fp32")
 
 
 @dataclass(frozen=True)
 class ChunkedConfig:
     block_m: int = 1024  # rows per tile; a tile holds a few (block_m x block_n) fp32 buffers
     block_n: int = 1024  # columns per tile
+    # Operands of the tile GEMMs (S, S0 and the two gradient GEMMs): "input" keeps the input
+    # dtype (bf16/fp16 GEMMs with fp32 accumulation and fp32 output on CUDA), "fp32" upcasts;
+    # "auto" is "input" on CUDA and "fp32" elsewhere (CPU bf16 GEMMs are slow and round their
+    # output). Softmax statistics and gradient accumulators are fp32 in every mode.
+    tile_dtype: str = "auto"
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ChunkedConfig.{name}: expected a positive int, got {value!r}")
+        if self.tile_dtype not in TILE_DTYPES:
+            raise ValueError(f"ChunkedConfig.tile_dtype: expected one of {list(TILE_DTYPES)}, got {self.tile_dtype!r}")
 
 
 # What the public functions use; tests swap in small tiles to exercise the tiling at small N.
 DEFAULT_CHUNKED_CONFIG = ChunkedConfig()
+
+
+def tile_dtype(mode: str, dtype: torch.dtype, is_cuda: bool) -> torch.dtype:
+    """The GEMM operand dtype of a `ChunkedConfig.tile_dtype` mode for inputs of `dtype`."""
+    if mode == "fp32" or (mode == "auto" and not is_cuda):
+        return torch.float32
+    return dtype
+
+
+def _mm(x: Tensor, y: Tensor) -> Tensor:
+    """`x @ y` as fp32. Half-precision operands: on CUDA one cuBLAS GEMM with fp32 accumulation
+    and fp32 output (`out_dtype`, torch >= 2.8); on CPU, which has no such GEMM, the product
+    (accumulated in fp32 by oneDNN) is rounded to the input dtype before the upcast."""
+    if x.dtype == torch.float32:
+        return x @ y
+    if x.is_cuda:
+        return torch.mm(x, y, out_dtype=torch.float32)
+    return (x @ y).float()
 
 
 _MASKED_LOGIT = -1e30  # far below any logit (|S| <= s <= 100) yet finite: see _ChunkedBackend._tile
@@ -67,22 +101,26 @@ def _finish(lse, lse0, q) -> Stats:
 
 
 class _ChunkedBackend:
-    """Plain-torch tiles in fp32: the CPU path and the fallback without Triton.
+    """Plain-torch tiles: the CPU path and the fallback without Triton.
 
-    Peak extra memory is a few (block_m x block_n) fp32 tiles plus fp32 gradient accumulators
-    of the inputs' size; S is recomputed in backward.
+    GEMM operands in `config.tile_dtype`, everything else in fp32. Peak extra memory is a few
+    (block_m x block_n) fp32 tiles plus fp32 gradient accumulators of the inputs' size; S is
+    recomputed in backward.
     """
 
     def __init__(self, config: Optional[ChunkedConfig] = None):
         self.config = config or ChunkedConfig()
 
+    def _dtype(self, t: Tensor) -> torch.dtype:
+        return tile_dtype(self.config.tile_dtype, t.dtype, t.is_cuda)
+
     def _tile(self, p: Pass, s, s0, r0, r1, c0, c1, a, a0):
-        b = p.b[c0:c1].float()
-        dot = a @ b.T
+        b = p.b[c0:c1].to(a.dtype)
+        dot = _mm(a, b.T)
         logits = s * dot
         dot0 = logits0 = None
         if p.a0 is not None:
-            dot0 = a0 @ p.b0[c0:c1].float().T
+            dot0 = _mm(a0, p.b0[c0:c1].to(a.dtype).T)
             logits0 = s0 * dot0
         if p.row_ids is not None:
             same = p.row_ids[r0:r1, None] == p.col_ids[None, c0:c1]
@@ -111,10 +149,11 @@ class _ChunkedBackend:
 
         rows_out = init(n)
         cols_acc = init(big_n) if col_stats else None
+        dt = self._dtype(p.a)
         for r0 in range(0, n, bm):
             r1 = min(r0 + bm, n)
-            a = p.a[r0:r1].float()
-            a0 = p.a0[r0:r1].float() if with_kl else None
+            a = p.a[r0:r1].to(dt)
+            a0 = p.a0[r0:r1].to(dt) if with_kl else None
             racc = init(r1 - r0)
             for c0 in range(0, big_n, bn):
                 c1 = min(c0 + bn, big_n)
@@ -150,10 +189,11 @@ class _ChunkedBackend:
         db = torch.zeros(p.b.shape, device=dev, dtype=torch.float32)
         ds = torch.zeros((), device=dev)
         ds0 = torch.zeros((), device=dev)
+        dt = self._dtype(p.a)
         for r0 in range(0, n, bm):
             r1 = min(r0 + bm, n)
-            a = p.a[r0:r1].float()
-            a0 = p.a0[r0:r1].float() if with_kl else None
+            a = p.a[r0:r1].to(dt)
+            a0 = p.a0[r0:r1].to(dt) if with_kl else None
             lse_r = rows.lse[r0:r1, None]
             for c0 in range(0, big_n, bn):
                 c1 = min(c0 + bn, big_n)
@@ -186,8 +226,14 @@ class _ChunkedBackend:
                     ii = torch.arange(lo - r0, hi - r0, device=dev)
                     jj = ii + (r0 + p.row_offset - c0)
                     g[ii, jj] -= ci_r + (ci_c if cols is not None else 0.0)
-                da[r0:r1].addmm_(g, b)
-                db[c0:c1].addmm_(g.T, a)
+                if dt == torch.float32:
+                    da[r0:r1].addmm_(g, b)
+                    db[c0:c1].addmm_(g.T, a)
+                else:
+                    # Gradient GEMMs in the tile dtype too (G rounded once), summed in fp32.
+                    g_low = g.to(dt)
+                    da[r0:r1] += _mm(g_low, b)
+                    db[c0:c1] += _mm(g_low.T, a)
                 if h is not None:
                     ds0 = ds0 + (h * dot0).sum()
         if want_ds:
