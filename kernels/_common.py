@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-TRITON_DEFAULT_ON_CUDA = False  # see resolve_impl
+TRITON_DEFAULT_ON_CUDA = True  # see resolve_impl
 
 
 def as_scale(logit_scale, like: Tensor) -> Tensor:
@@ -103,11 +103,12 @@ def false_negatives(caption_ids: Optional[Tensor], row_offset: int, n: int) -> O
 
 
 def resolve_impl(impl: Optional[str], tensors: Sequence[Tensor], available: Sequence[str]) -> str:
-    """Pick the backend: an explicit `impl`, else by device.
+    """Pick the backend: an explicit `impl`, else by device: Triton for CUDA tensors (when
+    TRITON_DEFAULT_ON_CUDA and Triton imports), the chunked path otherwise.
 
-    The Triton kernels are verified only under Triton's CPU interpreter so far; until the GPU
-    test tier (`pytest -m gpu`) has passed on a GPU, CUDA tensors default to the chunked path
-    too, and Triton is opt-in with `impl="triton"`. Flip TRITON_DEFAULT_ON_CUDA then.
+    The Triton kernels are checked in Triton's CPU interpreter and compiled for sm_80/sm_90
+    without spills (tests/test_triton_tiles.py); the GPU tier (`pytest -m gpu`) checks them on
+    a GPU. Raises ValueError for an `impl` not in `available`.
     """
     if impl is not None:
         if impl not in available:

@@ -14,10 +14,11 @@ from kernel_checks import (  # noqa: F401
     needs_triton, run_with_grads, SCALE, small_tiles,
 )
 
-# name: (n local rows, N global columns or None, d, row_offset); odd sizes, several tiles.
+# name: (n local rows, N global columns or None, d, row_offset); odd sizes, several tiles; d=32
+# is a multiple of the interpreter's BLOCK_K (Triton's unmasked EVEN_K loads), d=19 is not.
 CAPTION_SHAPES = {
     "sym_odd": (29, None, 19, 0),
-    "local_global": (12, 40, 24, 16),
+    "local_global": (12, 40, 32, 16),
     "local_last_rank": (13, 41, 37, 28),
 }
 IDS = {"three": lambda n, g: torch.randint(0, 3, (n,), generator=g), "all_same": lambda n, g: torch.zeros(n, dtype=torch.long)}
@@ -104,3 +105,14 @@ def test_rejects_bad_caption_ids(name, bad, match):
     for impl in ("ref32", "chunked"):
         with pytest.raises(ValueError, match=match):
             loss_fn(name, impl, teacher, caption_ids=bad)(*inputs, torch.tensor(SCALE))
+
+
+@needs_triton
+def test_triton_dense_ids_keep_every_equality():
+    """The Triton backend compares int32 ranks: same equalities as the int64 ids, any values."""
+    from cliperase.kernels._triton_contrastive import _dense_ids
+
+    ids = torch.tensor([2**40, -7, 2**40, 5, -7, 2**40 + 1, 5, 0])
+    ranks = _dense_ids(ids)
+    assert ranks.dtype == torch.int32 and ranks.min().item() == 0 and ranks.max().item() == 4
+    assert torch.equal(ranks[:, None] == ranks[None, :], ids[:, None] == ids[None, :])
