@@ -9,8 +9,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-IMPLS = ("ref", "chunked", "triton")
-TRITON_DEFAULT_ON_CUDA = False  # see resolve_impl
+TRITON_DEFAULT_ON_CUDA = True  # see resolve_impl
 
 
 def as_scale(logit_scale, like: Tensor) -> Tensor:
@@ -62,12 +61,54 @@ def check_columns(local: Tensor, name: str, cols: Optional[Tensor], row_offset: 
     return cols
 
 
-def resolve_impl(impl: Optional[str], tensors: Sequence[Tensor], available: Sequence[str]) -> str:
-    """Pick the backend: an explicit `impl`, else by device.
+def check_caption_ids(caption_ids: Optional[Tensor], columns: Sequence[Tensor]) -> Optional[Tensor]:
+    """Validate global caption ids against the global columns; return them as int64 (or None).
 
-    The Triton kernels are verified only under Triton's CPU interpreter so far; until the GPU
-    test tier (`pytest -m gpu`) has passed on a GPU, CUDA tensors default to the chunked path
-    too, and Triton is opt-in with `impl="triton"`. Flip TRITON_DEFAULT_ON_CUDA then.
+    `caption_ids`: (N,) integer ids over the global batch, one per column of every direction,
+    so every tensor in `columns` must have N rows. The caller's tensor is never modified.
+    """
+    if caption_ids is None:
+        return None
+    if not isinstance(caption_ids, Tensor):
+        raise ValueError(f"caption_ids: expected a torch.Tensor, got {type(caption_ids).__name__}")
+    big_n = columns[0].shape[0]
+    if caption_ids.dim() != 1 or caption_ids.shape[0] != big_n:
+        raise ValueError(
+            f"caption_ids: expected a 1-D tensor of length N_global={big_n}, got shape {tuple(caption_ids.shape)}"
+        )
+    for cols in columns[1:]:
+        if cols.shape[0] != big_n:
+            raise ValueError(
+                f"caption_ids: needs both directions over the same N_global columns, got {big_n} and {cols.shape[0]}"
+            )
+    if caption_ids.is_floating_point() or caption_ids.is_complex() or caption_ids.dtype == torch.bool:
+        raise ValueError(f"caption_ids: expected an integer tensor, got {caption_ids.dtype}")
+    if caption_ids.device != columns[0].device:
+        raise ValueError(f"caption_ids: expected a tensor on {columns[0].device}, got {caption_ids.device}")
+    return caption_ids.long()
+
+
+def false_negatives(caption_ids: Optional[Tensor], row_offset: int, n: int) -> Optional[Tensor]:
+    """(n, N) bool: True where row i and column j have equal ids and j is not i's positive.
+
+    The materialised mask the references apply; None without caption ids.
+    """
+    if caption_ids is None:
+        return None
+    rows = caption_ids[row_offset : row_offset + n]
+    same = rows[:, None] == caption_ids[None, :]
+    i = torch.arange(n, device=caption_ids.device)
+    same[i, i + row_offset] = False
+    return same
+
+
+def resolve_impl(impl: Optional[str], tensors: Sequence[Tensor], available: Sequence[str]) -> str:
+    """Pick the backend: an explicit `impl`, else by device: Triton for CUDA tensors (when
+    TRITON_DEFAULT_ON_CUDA and Triton imports), the chunked path otherwise.
+
+    The Triton kernels are checked in Triton's CPU interpreter and compiled for sm_80/sm_90
+    without spills (tests/test_triton_tiles.py); the GPU tier (`pytest -m gpu`) checks them on
+    a GPU. Raises ValueError for an `impl` not in `available`.
     """
     if impl is not None:
         if impl not in available:

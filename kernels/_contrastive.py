@@ -19,50 +19,70 @@ Statistics saved for backward, per row (and per column in symmetric mode), all f
 forms the gradient wrt the logits, `c_inf (p - onehot) + c_kl (p - p0)`, never an N x N matrix.
 
 A backend provides two primitives (see `_ChunkedBackend`; the Triton one lives in
-`_triton_contrastive.py` and is imported only when asked for):
-- `stats(pass, s, s0, with_kl, col_stats)` -> `_Stats` for the rows (and columns);
+`_triton_contrastive.py` and is imported only when asked for; both use the layout types of
+`_layout.py`):
+- `stats(pass, s, s0, with_kl, col_stats)` -> `Stats` for the rows (and columns);
 - `grads(pass, s, s0, rows, cols, coef, want_ds, want_ds0)` -> (dA, dB, ds, ds0), with
   `coef = [c_inf_row, c_kl_row, c_inf_col, c_kl_col]` a 4-element fp32 tensor (no host sync).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["contrastive_loss", "ChunkedConfig", "DEFAULT_CHUNKED_CONFIG"]
+from ._layout import Pass, Stats
+
+__all__ = ["contrastive_loss", "ChunkedConfig", "DEFAULT_CHUNKED_CONFIG", "TILE_DTYPES", "tile_dtype"]
 
 
-class _Pass(NamedTuple):
-    """One (n x N) logits block. Teacher tensors are None without the KL; ids None unmasked."""
-
-    a: Tensor  # (n, d) rows (student)
-    b: Tensor  # (N, d) columns (student)
-    a0: Optional[Tensor]  # (n, d) teacher rows
-    b0: Optional[Tensor]  # (N, d) teacher columns
-    row_offset: int  # positive of row i is column row_offset + i
-    row_ids: Optional[Tensor]  # (n,) int64 caption ids of the rows
-    col_ids: Optional[Tensor]  # (N,) int64 caption ids of the columns
-
-
-class _Stats(NamedTuple):
-    """Per-row (or per-column) fp32 statistics of one direction; lse0 and kl None without KL."""
-
-    lse: Tensor
-    lse0: Optional[Tensor]
-    kl: Optional[Tensor]
+TILE_DTYPES = ("auto", "input", "fp32")
 
 
 @dataclass(frozen=True)
 class ChunkedConfig:
     block_m: int = 1024  # rows per tile; a tile holds a few (block_m x block_n) fp32 buffers
     block_n: int = 1024  # columns per tile
+    # Operands of the tile GEMMs (S, S0 and the two gradient GEMMs): "input" keeps the input
+    # dtype (bf16/fp16 GEMMs with fp32 accumulation and fp32 output on CUDA), "fp32" upcasts;
+    # "auto" is "input" on CUDA and "fp32" elsewhere (CPU bf16 GEMMs are slow and round their
+    # output). Softmax statistics and gradient accumulators are fp32 in every mode.
+    tile_dtype: str = "auto"
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ChunkedConfig.{name}: expected a positive int, got {value!r}")
+        if self.tile_dtype not in TILE_DTYPES:
+            raise ValueError(f"ChunkedConfig.tile_dtype: expected one of {list(TILE_DTYPES)}, got {self.tile_dtype!r}")
 
 
 # What the public functions use; tests swap in small tiles to exercise the tiling at small N.
 DEFAULT_CHUNKED_CONFIG = ChunkedConfig()
+
+
+def tile_dtype(mode: str, dtype: torch.dtype, is_cuda: bool) -> torch.dtype:
+    """The GEMM operand dtype of a `ChunkedConfig.tile_dtype` mode for inputs of `dtype`."""
+    if mode == "fp32" or (mode == "auto" and not is_cuda):
+        return torch.float32
+    return dtype
+
+
+def _mm(x: Tensor, y: Tensor) -> Tensor:
+    """`x @ y` as fp32. Half-precision operands: on CUDA one cuBLAS GEMM with fp32 accumulation
+    and fp32 output (`out_dtype`, torch >= 2.8); on CPU, which has no such GEMM, the product
+    (accumulated in fp32 by oneDNN) is rounded to the input dtype before the upcast."""
+    if x.dtype == torch.float32:
+        return x @ y
+    if x.is_cuda:
+        return torch.mm(x, y, out_dtype=torch.float32)
+    return (x @ y).float()
+
+
+_MASKED_LOGIT = -1e30  # far below any logit (|S| <= s <= 100) yet finite: see _ChunkedBackend._tile
 
 
 def _merge(lse, lse0, q, t_lse, t_lse0, t_q):
@@ -76,37 +96,47 @@ def _merge(lse, lse0, q, t_lse, t_lse0, t_q):
     return new_lse, new_lse0, q
 
 
-def _finish(lse, lse0, q) -> _Stats:
-    return _Stats(lse, lse0, None if lse0 is None else q - lse0 + lse)
+def _finish(lse, lse0, q) -> Stats:
+    return Stats(lse, lse0, None if lse0 is None else q - lse0 + lse)
 
 
 class _ChunkedBackend:
-    """Plain-torch tiles in fp32: the CPU path and the fallback without Triton.
+    """Plain-torch tiles: the CPU path and the fallback without Triton.
 
-    Peak extra memory is a few (block_m x block_n) fp32 tiles plus fp32 gradient accumulators
-    of the inputs' size; S is recomputed in backward.
+    GEMM operands in `config.tile_dtype`, everything else in fp32. Peak extra memory is a few
+    (block_m x block_n) fp32 tiles plus fp32 gradient accumulators of the inputs' size; S is
+    recomputed in backward.
     """
 
     def __init__(self, config: Optional[ChunkedConfig] = None):
         self.config = config or ChunkedConfig()
 
-    def _tile(self, p: _Pass, s, s0, r0, r1, c0, c1, a, a0):
-        b = p.b[c0:c1].float()
-        dot = a @ b.T
+    def _dtype(self, t: Tensor) -> torch.dtype:
+        return tile_dtype(self.config.tile_dtype, t.dtype, t.is_cuda)
+
+    def _tile(self, p: Pass, s, s0, r0, r1, c0, c1, a, a0):
+        b = p.b[c0:c1].to(a.dtype)
+        dot = _mm(a, b.T)
         logits = s * dot
+        dot0 = logits0 = None
+        if p.a0 is not None:
+            dot0 = _mm(a0, p.b0[c0:c1].to(a.dtype).T)
+            logits0 = s0 * dot0
         if p.row_ids is not None:
             same = p.row_ids[r0:r1, None] == p.col_ids[None, c0:c1]
             rows = torch.arange(r0, r1, device=a.device)[:, None] + p.row_offset
             cols = torch.arange(c0, c1, device=a.device)[None, :]
-            # Equal captions are false negatives; the positive itself stays.
-            logits = logits.masked_fill(same & (rows != cols), float("-inf"))
-        dot0 = logits0 = None
-        if p.a0 is not None:
-            dot0 = a0 @ p.b0[c0:c1].float().T
-            logits0 = s0 * dot0
+            # Equal captions are false negatives (the positive itself stays), for the student
+            # and the teacher alike. A finite fill: exp() of it is 0, and the KL's S0 - S and
+            # log p0 - log p are 0 there instead of the nan of -inf - -inf, even in a tile
+            # whose pairs are all masked.
+            masked = same & (rows != cols)
+            logits = logits.masked_fill(masked, _MASKED_LOGIT)
+            if logits0 is not None:
+                logits0 = logits0.masked_fill(masked, _MASKED_LOGIT)
         return b, dot, logits, dot0, logits0
 
-    def stats(self, p: _Pass, s, s0, with_kl: bool, col_stats: bool):
+    def stats(self, p: Pass, s, s0, with_kl: bool, col_stats: bool):
         n, big_n = p.a.shape[0], p.b.shape[0]
         bm, bn = self.config.block_m, self.config.block_n
         dev = p.a.device
@@ -119,10 +149,11 @@ class _ChunkedBackend:
 
         rows_out = init(n)
         cols_acc = init(big_n) if col_stats else None
+        dt = self._dtype(p.a)
         for r0 in range(0, n, bm):
             r1 = min(r0 + bm, n)
-            a = p.a[r0:r1].float()
-            a0 = p.a0[r0:r1].float() if with_kl else None
+            a = p.a[r0:r1].to(dt)
+            a0 = p.a0[r0:r1].to(dt) if with_kl else None
             racc = init(r1 - r0)
             for c0 in range(0, big_n, bn):
                 c1 = min(c0 + bn, big_n)
@@ -148,7 +179,7 @@ class _ChunkedBackend:
         cols = _finish(*cols_acc) if col_stats else None
         return rows, cols
 
-    def grads(self, p: _Pass, s, s0, rows: _Stats, cols: Optional[_Stats], coef: Tensor, want_ds: bool, want_ds0: bool):
+    def grads(self, p: Pass, s, s0, rows: Stats, cols: Optional[Stats], coef: Tensor, want_ds: bool, want_ds0: bool):
         n, big_n = p.a.shape[0], p.b.shape[0]
         bm, bn = self.config.block_m, self.config.block_n
         dev = p.a.device
@@ -158,10 +189,11 @@ class _ChunkedBackend:
         db = torch.zeros(p.b.shape, device=dev, dtype=torch.float32)
         ds = torch.zeros((), device=dev)
         ds0 = torch.zeros((), device=dev)
+        dt = self._dtype(p.a)
         for r0 in range(0, n, bm):
             r1 = min(r0 + bm, n)
-            a = p.a[r0:r1].float()
-            a0 = p.a0[r0:r1].float() if with_kl else None
+            a = p.a[r0:r1].to(dt)
+            a0 = p.a0[r0:r1].to(dt) if with_kl else None
             lse_r = rows.lse[r0:r1, None]
             for c0 in range(0, big_n, bn):
                 c1 = min(c0 + bn, big_n)
@@ -194,8 +226,14 @@ class _ChunkedBackend:
                     ii = torch.arange(lo - r0, hi - r0, device=dev)
                     jj = ii + (r0 + p.row_offset - c0)
                     g[ii, jj] -= ci_r + (ci_c if cols is not None else 0.0)
-                da[r0:r1].addmm_(g, b)
-                db[c0:c1].addmm_(g.T, a)
+                if dt == torch.float32:
+                    da[r0:r1].addmm_(g, b)
+                    db[c0:c1].addmm_(g.T, a)
+                else:
+                    # Gradient GEMMs in the tile dtype too (G rounded once), summed in fp32.
+                    g_low = g.to(dt)
+                    da[r0:r1] += _mm(g_low, b)
+                    db[c0:c1] += _mm(g_low.T, a)
                 if h is not None:
                     ds0 = ds0 + (h * dot0).sum()
         if want_ds:
@@ -212,7 +250,7 @@ class _ContrastiveLossFn(torch.autograd.Function):
         backend, with_inf, with_kl, row_offset = spec
         passes, slots, symmetric = _passes(zi, zt, zi_all, zt_all, zi0, zt0, zi0_all, zt0_all, caption_ids, row_offset, with_kl)
         n = zi.shape[0]
-        stats: List[Tuple[_Stats, Optional[_Stats]]] = []
+        stats: List[Tuple[Stats, Optional[Stats]]] = []
         for p in passes:
             stats.append(backend.stats(p, s, s0, with_kl, symmetric))
         infonce = torch.zeros((), device=zi.device)
@@ -245,7 +283,7 @@ class _ContrastiveLossFn(torch.autograd.Function):
                 sides.append(None)
                 continue
             lse = next(it)
-            sides.append(_Stats(lse, next(it), next(it)) if has_kl else _Stats(lse, None, None))
+            sides.append(Stats(lse, next(it), next(it)) if has_kl else Stats(lse, None, None))
         stats = [(sides[i], sides[i + 1]) for i in range(0, len(sides), 2)]
         passes, slots, symmetric = _passes(zi, zt, zi_all, zt_all, zi0, zt0, zi0_all, zt0_all, caption_ids, row_offset, with_kl)
         n = zi.shape[0]
@@ -298,14 +336,14 @@ def _passes(zi, zt, zi_all, zt_all, zi0, zt0, zi0_all, zt0_all, caption_ids, row
     c_ids = caption_ids
 
     if symmetric:
-        return [_Pass(zi, zt, zi0, zt0, 0, r_ids, c_ids)], [("zi", "zt")], True
+        return [Pass(zi, zt, zi0, zt0, 0, r_ids, c_ids)], [("zi", "zt")], True
     cols_t = zt if zt_all is None else zt_all
     cols_i = zi if zi_all is None else zi_all
     cols_t0 = None if not with_kl else (zt0 if zt0_all is None else zt0_all)
     cols_i0 = None if not with_kl else (zi0 if zi0_all is None else zi0_all)
     passes = [
-        _Pass(zi, cols_t, zi0, cols_t0, row_offset, r_ids, c_ids),
-        _Pass(zt, cols_i, zt0, cols_i0, row_offset, r_ids, c_ids),
+        Pass(zi, cols_t, zi0, cols_t0, row_offset, r_ids, c_ids),
+        Pass(zt, cols_i, zt0, cols_i0, row_offset, r_ids, c_ids),
     ]
     slots = [("zi", "zt" if zt_all is None else "zt_all"), ("zt", "zi" if zi_all is None else "zi_all")]
     return passes, slots, False
@@ -334,18 +372,10 @@ def contrastive_loss(
 
     Inputs are already validated by the public functions. `s`, `s0`: 0-dim fp32 scales
     (`s0` may be the same tensor as `s`, as in the reference, and then receives the teacher
-    path's gradient too). `backend`: "chunked" or "triton"; `config` a `ChunkedConfig` or a
-    Triton `TritonConfig` (None: the defaults). Raises ValueError for a malformed `caption_ids`.
+    path's gradient too). `caption_ids`: None or (N,) int64, checked by the caller
+    (`_common.check_caption_ids`). `backend`: "chunked" or "triton"; `config` a `ChunkedConfig`
+    or a Triton `TritonConfig` (None: the defaults). Raises ValueError for an unknown backend.
     """
-    if caption_ids is not None:
-        big_n = (zt if zt_all is None else zt_all).shape[0]
-        other_n = (zi if zi_all is None else zi_all).shape[0]
-        if caption_ids.dim() != 1 or caption_ids.shape[0] != big_n or other_n != big_n:
-            raise ValueError(
-                f"caption_ids: expected a 1-D tensor of length N_global={big_n}, got shape {tuple(caption_ids.shape)}"
-            )
-        if caption_ids.device != zi.device:
-            raise ValueError(f"caption_ids: expected a tensor on {zi.device}, got {caption_ids.device}")
     if backend == "chunked":
         impl = _ChunkedBackend(config or DEFAULT_CHUNKED_CONFIG)
     elif backend == "triton":

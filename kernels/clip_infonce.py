@@ -12,19 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import as_scale, check_columns, check_pair, resolve_impl
+from ._common import as_scale, check_caption_ids, check_columns, check_pair, false_negatives, resolve_impl
 from ._contrastive import contrastive_loss
 
 __all__ = ["clip_infonce", "clip_infonce_ref"]
-
-
-def _masked_logits(logits: Tensor, labels: Tensor, caption_ids: Optional[Tensor], row_ids: Optional[Tensor]) -> Tensor:
-    if caption_ids is None:
-        return logits
-    # Identical captions (class-name captions) are false negatives: drop them, keep the positive.
-    same = row_ids[:, None] == caption_ids[None, :]
-    same[torch.arange(len(labels), device=logits.device), labels] = False
-    return logits.masked_fill(same, float("-inf"))
 
 
 def clip_infonce_ref(
@@ -45,8 +36,9 @@ def clip_infonce_ref(
         logit_scale: the multiplier `s` (already exponentiated), float or scalar tensor.
         zi_all, zt_all: (N, d) global columns with `zi_all[row_offset:row_offset+n] == zi`;
             default: the local rows (single process).
-        caption_ids: optional (N,) int64 caption identities over the global batch; an
-            off-diagonal pair with equal ids is masked out of the negatives.
+        caption_ids: optional (N,) integer caption identities over the global batch; a pair
+            (i, j) with equal ids that is not i's positive is masked out of the negatives of
+            both directions.
         upcast: compute in fp32 (True) or in the input dtype.
     Returns:
         0-dim fp32 tensor: mean over local rows of `(CE(S, diag) + CE(S_t2i, diag)) / 2`.
@@ -54,16 +46,19 @@ def clip_infonce_ref(
     check_pair("zi", zi, "zt", zt)
     zi_all = check_columns(zi, "zi_all", zi_all, row_offset)
     zt_all = check_columns(zt, "zt_all", zt_all, row_offset)
+    caption_ids = check_caption_ids(caption_ids, (zt_all, zi_all))
     s = as_scale(logit_scale, zi)
     if upcast:
         zi, zt, zi_all, zt_all = (t.float() for t in (zi, zt, zi_all, zt_all))
     n = zi.shape[0]
     labels = torch.arange(n, device=zi.device) + row_offset
-    row_ids = None if caption_ids is None else caption_ids[row_offset : row_offset + n]
     logits_i2t = (s.to(zi.dtype) * zi) @ zt_all.T
     logits_t2i = (s.to(zt.dtype) * zt) @ zi_all.T
-    logits_i2t = _masked_logits(logits_i2t, labels, caption_ids, row_ids)
-    logits_t2i = _masked_logits(logits_t2i, labels, caption_ids, row_ids)
+    masked = false_negatives(caption_ids, row_offset, n)
+    if masked is not None:
+        # Identical captions (class-name captions) are false negatives: drop them, keep the positive.
+        logits_i2t = logits_i2t.masked_fill(masked, float("-inf"))
+        logits_t2i = logits_t2i.masked_fill(masked, float("-inf"))
     loss = (F.cross_entropy(logits_i2t.float(), labels) + F.cross_entropy(logits_t2i.float(), labels)) / 2
     return loss
 
@@ -71,8 +66,9 @@ def clip_infonce_ref(
 def _fast(backend: str):
     def run(zi, zt, logit_scale, *, zi_all=None, zt_all=None, row_offset=0, caption_ids=None):
         check_pair("zi", zi, "zt", zt)
-        check_columns(zi, "zi_all", zi_all, row_offset)
-        check_columns(zt, "zt_all", zt_all, row_offset)
+        cols_i = check_columns(zi, "zi_all", zi_all, row_offset)
+        cols_t = check_columns(zt, "zt_all", zt_all, row_offset)
+        caption_ids = check_caption_ids(caption_ids, (cols_t, cols_i))
         s = as_scale(logit_scale, zi)
         infonce, _ = contrastive_loss(
             zi, zt, s, s, zi_all=zi_all, zt_all=zt_all, row_offset=row_offset,
@@ -100,10 +96,11 @@ def clip_infonce(
     """Symmetric CLIP InfoNCE; arguments as `clip_infonce_ref`.
 
     `impl`: "ref" (materialised), "chunked" (plain torch, never N x N), "triton" (fused GPU
-    kernel; CUDA tensors, or CPU ones under TRITON_INTERPRET=1 for tests); default: Triton on
-    CUDA when importable, else chunked. "chunked" and "triton" save only per-row (and
-    per-column) log-sum-exps and recompute the logits in backward; they support `caption_ids`.
-    Raises ValueError for malformed shapes, dtypes, devices, row offsets or `caption_ids`, or
+    kernel; CUDA tensors, or CPU ones under TRITON_INTERPRET=1 for tests); default: see
+    `_common.resolve_impl` (chunked on CPU; on CUDA Triton when `TRITON_DEFAULT_ON_CUDA` is set
+    and Triton imports, else chunked). "chunked" and "triton" save only per-row (and
+    per-column) log-sum-exps and recompute the logits in backward. Every backend takes
+    `caption_ids`. Raises ValueError for malformed shapes, dtypes, devices, row offsets or `caption_ids`, or
     for impl="triton" on CPU tensors without the Triton interpreter.
     """
     choice = resolve_impl(impl, (zi, zt), tuple(_IMPLS))

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["Result", "run_with_grads", "assert_fast_close", "embeddings", "RTOL", "needs_triton", "small_tiles",
-           "SHAPES", "TRITON_SHAPES", "GPU_SHAPES", "CPU_DTYPES", "INTERPRETER_DTYPES", "SCALE"]
+           "SHAPES", "TRITON_SHAPES", "GPU_SHAPES", "CPU_DTYPES", "INTERPRETER_DTYPES", "SCALE",
+           "LOSSES", "TRAINED", "loss_inputs", "loss_fn", "check_loss", "device_for_triton"]
 
 # One shape registry for every kernel test.
 # name: (n local rows, N global columns or None for single-process, d, row_offset)
@@ -40,6 +41,12 @@ GPU_SHAPES = {"production_vit_h14": (4096, None, 1024, 0), "local_rank3_of_4": (
 
 # Tolerance relative to max|truth|, added to 2 x the low-precision reference's error.
 RTOL = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+# The magnitude below which an embedding gradient's tolerance stops shrinking. In fp32 the
+# low-precision reference is the truth itself (its error is 0), so this alone sets the bar:
+# gradients hold (p - onehot) * s / n, and a p formed in another order (base-2 logits, another
+# LSE split) is off by ~ulp(S) ~ 1e-6 at |S| ~ 14, so the bar is RTOL * 0.1 = 2e-6 there.
+# In fp16/bf16 the reference's own error dominates and 1e-3 keeps the bar tight.
+GRAD_FLOOR = {torch.float32: 0.1, torch.float16: 1e-3, torch.bfloat16: 1e-3}
 
 
 class Result(NamedTuple):
@@ -90,7 +97,7 @@ def assert_fast_close(fast: Result, low: Result, truth: Result, dtype: torch.dty
         # Losses are O(1) nats built from logits of size ~s: never ask for less than RTOL there.
         # d/ds sums n x N terms that largely cancel, and with the KL it carries each row's
         # KL (a difference of two LSEs of size ~s, so ~ulp(s) of noise in the truth as well).
-        floor = 1.0 if name.startswith("value") else 0.1 if name == "grad[logit_scale]" else 1e-3
+        floor = 1.0 if name.startswith("value") else 0.1 if name == "grad[logit_scale]" else GRAD_FLOOR[dtype]
         tol = 2 * err_low + RTOL[dtype] * max(t.abs().max().item(), floor)
         assert err_fast <= tol, f"{what} {name}: error {err_fast:.3g} > {tol:.3g} (low-precision ref error {err_low:.3g})"
 
@@ -112,3 +119,72 @@ def small_tiles(monkeypatch):
     from cliperase.kernels import _contrastive
 
     monkeypatch.setattr(_contrastive, "DEFAULT_CHUNKED_CONFIG", _contrastive.ChunkedConfig(16, 8))
+
+
+# The three public losses, by name, for tests that run all of them the same way.
+LOSSES = ("clip_infonce", "consistency_kl", "cliperase_loss")
+TRAINED = "trained"  # teacher_logit_scale: the student's own scale tensor (it gets both gradients)
+
+
+def device_for_triton() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def loss_inputs(shape, dtype: torch.dtype, device="cpu", seed: int = 0):
+    """Student leaves `[zi, zt]` or `[zi, zt, zi_all, zt_all]` and the teacher keyword arguments.
+
+    The teacher is a perturbed copy of the student (as after a few unlearning steps), so the KL
+    is well away from 0; in the local-vs-global layout the teacher dict carries `row_offset`.
+    """
+    n, big_n, d, off = shape
+    gen = torch.Generator().manual_seed(seed)
+    rows = big_n or n
+    zi_all, zt_all = embeddings(rows, d, dtype, gen, device), embeddings(rows, d, dtype, gen, device)
+    noise = [embeddings(rows, d, torch.float32, gen, device) for _ in range(2)]
+    zi0_all = F.normalize(zi_all.float() + 0.3 * noise[0], dim=1).to(dtype)
+    zt0_all = F.normalize(zt_all.float() + 0.3 * noise[1], dim=1).to(dtype)
+    if big_n is None:
+        return [zi_all, zt_all], dict(zi0=zi0_all, zt0=zt0_all)
+    teacher = dict(zi0=zi0_all[off : off + n], zt0=zt0_all[off : off + n], zi0_all=zi0_all, zt0_all=zt0_all, row_offset=off)
+    return [zi_all[off : off + n], zt_all[off : off + n], zi_all, zt_all], teacher
+
+
+def loss_fn(name: str, impl: str, teacher: dict, **extra) -> Callable:
+    """A closure over (zi, zt[, zi_all, zt_all], logit_scale) for `run_with_grads`.
+
+    `impl`: "ref32" (the truth), "ref_low" (the reference in the input dtype) or a backend.
+    `extra`: keyword arguments of the loss (`caption_ids`, `teacher_logit_scale`; TRAINED
+    passes the scale leaf itself). clip_infonce ignores the teacher except its `row_offset`.
+    """
+    import cliperase.kernels as K
+
+    def fn(*args):
+        *z, s = args
+        kw = dict(teacher)
+        zi0, zt0 = kw.pop("zi0"), kw.pop("zt0")
+        kw.update(extra)
+        if len(z) == 4:
+            kw.update(zi_all=z[2], zt_all=z[3])
+        if isinstance(kw.get("teacher_logit_scale"), str) and kw["teacher_logit_scale"] == TRAINED:
+            kw["teacher_logit_scale"] = s
+        if name == "clip_infonce":
+            kw = {k: v for k, v in kw.items() if k in ("zi_all", "zt_all", "row_offset", "caption_ids")}
+            head = (z[0], z[1], s)
+        else:
+            head = (z[0], z[1], zi0, zt0, s)
+        if impl in ("ref32", "ref_low"):
+            return getattr(K, name + "_ref")(*head, upcast=impl == "ref32", **kw)
+        return getattr(K, name)(*head, impl=impl, **kw)
+
+    return fn
+
+
+def check_loss(name: str, impl: str, shape, dtype: torch.dtype, device="cpu", **extra) -> Result:
+    """Run `impl`, the fp32 truth and the low-precision reference on the same random inputs
+    (random upstream gradient) and assert the rule above; returns the truth."""
+    inputs, teacher = loss_inputs(shape, dtype, device=device)
+    truth = run_with_grads(loss_fn(name, "ref32", teacher, **extra), inputs, SCALE)
+    low = run_with_grads(loss_fn(name, "ref_low", teacher, **extra), inputs, SCALE)
+    fast = run_with_grads(loss_fn(name, impl, teacher, **extra), inputs, SCALE)
+    assert_fast_close(fast, low, truth, dtype, what=f"{name} {impl} {shape} {dtype}")
+    return truth

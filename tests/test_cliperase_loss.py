@@ -5,12 +5,13 @@ shows up. Also: importing the package does not import Triton, and the default ba
 """
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from cliperase.kernels import cliperase_loss, cliperase_loss_ref
-from cliperase.kernels._common import resolve_impl
+from cliperase.kernels._common import resolve_impl, triton_available
 from kernel_checks import (  # noqa: F401
     CPU_DTYPES, GPU_SHAPES, INTERPRETER_DTYPES, SCALE, SHAPES, TRITON_SHAPES, assert_fast_close, embeddings, needs_triton,
     run_with_grads, small_tiles,
@@ -81,6 +82,14 @@ def test_default_impl_on_cpu_is_chunked():
     t = torch.zeros(2, 2)
     assert resolve_impl(None, (t, t), ("ref", "chunked", "triton")) == "chunked"
     assert resolve_impl("ref", (t, t), ("ref", "chunked", "triton")) == "ref"
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_default_impl_on_cuda_is_triton():
+    # resolve_impl reads only `is_cuda`: stand-ins for CUDA tensors on a machine without one.
+    cuda = SimpleNamespace(is_cuda=True)
+    assert resolve_impl(None, (cuda, cuda), ("ref", "chunked", "triton")) == "triton"
+    assert resolve_impl(None, (cuda, torch.zeros(1)), ("ref", "chunked", "triton")) == "chunked"
 
 
 @needs_triton

@@ -1,8 +1,9 @@
 """consistency_kl: chunked and Triton against the materialised reference, values and gradients.
 
-Gradients are checked for the student rows and columns and for `logit_scale`, both with the
-default teacher scale (the same tensor, so it also receives the teacher path's gradient, as in
-the reference) and with a separate frozen `teacher_logit_scale`.
+Gradients are checked for the student rows and columns and for `logit_scale`, with the default
+teacher scale (a detached copy of `s`), a separate frozen `teacher_logit_scale`, and a trained
+one (`s` itself, which then also receives the teacher logits' gradient: the kernels'
+TEACHER_GRAD variant).
 """
 
 import pytest
@@ -11,10 +12,10 @@ import torch
 from cliperase.kernels import consistency_kl, consistency_kl_ref
 from kernel_checks import (  # noqa: F401
     CPU_DTYPES, GPU_SHAPES, INTERPRETER_DTYPES, SCALE, SHAPES, TRITON_SHAPES, assert_fast_close, embeddings, needs_triton,
-    run_with_grads, small_tiles,
+    TRAINED, run_with_grads, small_tiles,
 )
 
-TEACHER_SCALES = {"shared": None, "frozen": 11.0}
+TEACHER_SCALES = {"shared": None, "frozen": 11.0, "trained": TRAINED}
 
 
 def _inputs(shape, dtype, device="cpu", seed=0):
@@ -39,7 +40,7 @@ def _loss(impl, teacher, teacher_scale):
         zi0, zt0 = kw.pop("zi0"), kw.pop("zt0")
         if len(z) == 4:
             kw.update(zi_all=z[2], zt_all=z[3])
-        kw["teacher_logit_scale"] = teacher_scale
+        kw["teacher_logit_scale"] = s if teacher_scale == TRAINED else teacher_scale
         if impl in ("ref32", "ref_low"):
             return consistency_kl_ref(z[0], z[1], zi0, zt0, s, upcast=impl == "ref32", **kw)
         return consistency_kl(z[0], z[1], zi0, zt0, s, impl=impl, **kw)

@@ -54,13 +54,15 @@ def test_clip_infonce_masks_identical_captions():
     assert got.item() == pytest.approx(total / 8, rel=1e-5)
 
 
-def _kl_loops(zi, zt, zi0, zt0, s, s0):
-    """KL(p0 || p) per row by explicit sums, both directions, averaged over rows."""
+def _kl_loops(zi, zt, zi0, zt0, s, s0, ids=None):
+    """KL(p0 || p) per row by explicit sums, both directions, averaged over rows; with `ids`,
+    both softmaxes run over the columns j == i or ids[j] != ids[i] only."""
     def direction(a, b, a0, b0):
         total = 0.0
         for i in range(a.shape[0]):
-            logits = [s * float(a[i] @ b[j]) for j in range(b.shape[0])]
-            logits0 = [s0 * float(a0[i] @ b0[j]) for j in range(b.shape[0])]
+            keep = [j for j in range(b.shape[0]) if ids is None or j == i or ids[j] != ids[i]]
+            logits = [s * float(a[i] @ b[j]) for j in keep]
+            logits0 = [s0 * float(a0[i] @ b0[j]) for j in keep]
             lse, lse0 = math.log(sum(map(math.exp, logits))), math.log(sum(map(math.exp, logits0)))
             total += sum(math.exp(l0 - lse0) * ((l0 - lse0) - (l - lse)) for l, l0 in zip(logits, logits0))
         return total / a.shape[0]
@@ -74,6 +76,28 @@ def test_consistency_kl_matches_hand_computed(shape):
     zi, zt, zi0, zt0 = (_emb(n, d, k) for k in range(4))
     got = consistency_kl_ref(zi, zt, zi0, zt0, 6.0, teacher_logit_scale=5.0)
     assert got.item() == pytest.approx(_kl_loops(zi, zt, zi0, zt0, 6.0, 5.0), rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("ids", [[0, 1, 0, 2, 1, 0, 0], [3] * 7], ids=["three", "all_same"])
+def test_consistency_kl_masks_identical_captions(ids):
+    zi, zt, zi0, zt0 = (_emb(7, 4, k) for k in range(30, 34))
+    got = consistency_kl_ref(zi, zt, zi0, zt0, 6.0, teacher_logit_scale=5.0, caption_ids=torch.tensor(ids))
+    assert got.item() == pytest.approx(_kl_loops(zi, zt, zi0, zt0, 6.0, 5.0, ids), rel=1e-6, abs=1e-9)
+    if len(set(ids)) > 1:  # the mask matters
+        assert abs(got.item() - _kl_loops(zi, zt, zi0, zt0, 6.0, 5.0)) > 1e-3
+
+
+def test_masked_references_have_finite_gradients():
+    """Every off-diagonal pair masked: each row keeps only its positive, losses and gradients 0
+    (the -inf of masked pairs must not turn into nan, also for a trained teacher scale)."""
+    zi, zt, zi0, zt0 = (_emb(5, 3, k).requires_grad_() for k in range(40, 44))
+    s = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+    infonce, kl = cliperase_loss_ref(zi, zt, zi0.detach(), zt0.detach(), s, teacher_logit_scale=s,
+                                     caption_ids=torch.zeros(5, dtype=torch.long))
+    (infonce + kl).backward()
+    assert infonce.item() == pytest.approx(0.0, abs=1e-6) and kl.item() == pytest.approx(0.0, abs=1e-12)
+    for g in (zi.grad, zt.grad, s.grad):
+        assert torch.isfinite(g).all() and g.abs().max().item() < 1e-6
 
 
 def test_consistency_kl_zero_for_identical_models_and_grad_is_p_minus_p0():
