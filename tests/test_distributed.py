@@ -139,43 +139,47 @@ def _full_batch(n_global: int, d: int = 16) -> dict:
     parts = {name: torch.randn(n_global, d, generator=gen) for name in ("forget_img", "forget_txt", "retain_img", "retain_txt")}
     for name in ("teacher_img", "teacher_txt"):
         parts[name] = torch.nn.functional.normalize(torch.randn(n_global, d, generator=gen), dim=-1)
+    # Token rows drawn from a few captions: identical captions within and across ranks.
+    parts["tokens"] = torch.randint(0, 3, (2 * n_global, 2), generator=gen)
     return parts
 
 
 _STUDENT = ("forget_img", "forget_txt", "retain_img", "retain_txt")
-_CASES = [("cliperase", "ref"), ("cliperase", "chunked"), ("graddiff", "chunked"), ("ft", "ref")]
+# (method, loss backend, mask_duplicate_captions)
+_CASES = [("cliperase", "ref", False), ("cliperase", "chunked", False), ("graddiff", "chunked", False), ("ft", "ref", False),
+          ("cliperase", "chunked", True), ("ga", "ref", True)]
 
 
 def _objectives(feats_for, n_rows):
-    """{case: (loss value, {name: grad of the rows given})} for every method/impl case."""
+    """{case: (loss value, {name: grad of the rows given})} for every method/impl/masking case."""
     from cliperase.engine.methods import get_method
 
     results = {}
-    for method, impl in _CASES:
-        leaves, feats = feats_for()
-        loss = get_method(UnlearnConfig(method=method, loss_impl=impl)).objective(feats)["loss"]
+    for method, impl, masked in _CASES:
+        leaves, feats = feats_for(masked)
+        cfg = UnlearnConfig(method=method, loss_impl=impl, mask_duplicate_captions=masked)
+        loss = get_method(cfg).objective(feats)["loss"]
         loss.backward()
-        results[f"{method}/{impl}"] = (loss.detach(), {k: torch.zeros_like(leaves[k]) if leaves[k].grad is None
+        results[f"{method}/{impl}{'/masked' if masked else ''}"] = (loss.detach(), {k: torch.zeros_like(leaves[k]) if leaves[k].grad is None
                                                    else leaves[k].grad.clone() for k in _STUDENT})
     return results
 
 
-def _features(parts: dict, rows: slice, gathered: bool):
-    from cliperase.engine.dist import gather_rows
-    from cliperase.engine.methods import Features, Side
+def _features(parts: dict, rows: slice, masked: bool):
+    """The step's Features through the engine's own build_features: on 2 ranks it gathers the
+    rows, the teacher's and the token rows (caption ids over the global batch) itself."""
+    from cliperase.engine.methods import build_features
 
     leaves = {k: parts[k][rows].clone().requires_grad_(True) for k in _STUDENT}
-    gather = gather_rows if gathered else (lambda x: (x, x, 0))
-    sides = {}
-    for s in ("forget", "retain"):
-        img, img_all, offset = gather(leaves[f"{s}_img"])
-        txt, txt_all, _ = gather(leaves[f"{s}_txt"])
-        sides[s] = Side(img, txt, img_all, txt_all, offset)
-    r = sides["retain"]
-    r.teacher_img, r.teacher_txt = parts["teacher_img"][rows], parts["teacher_txt"][rows]
-    r.teacher_img_all, r.teacher_txt_all = gather(r.teacher_img)[1], gather(r.teacher_txt)[1]
-    feats = Features(forget=sides["forget"], retain=r, logit_scale=torch.tensor(10.0),
-                     teacher_logit_scale=torch.tensor(10.0))
+    n = leaves["forget_img"].shape[0]
+    img = torch.cat([leaves["forget_img"], leaves["retain_img"]])
+    txt = torch.cat([leaves["forget_txt"], leaves["retain_txt"]])
+    n_global = len(parts["forget_img"])
+    tokens = torch.cat([parts["tokens"][:n_global][rows], parts["tokens"][n_global:][rows]])
+    feats = build_features({"forget": n, "retain": n}, img, txt, tokens=tokens,
+                           teacher={"retain": (parts["teacher_img"][rows], parts["teacher_txt"][rows])},
+                           logit_scale=torch.tensor(10.0), teacher_logit_scale=torch.tensor(10.0), step=0, state={},
+                           mask_captions=masked)
     return leaves, feats
 
 
@@ -185,7 +189,7 @@ def _rank_main(rank: int, world: int, store: str, out: str, n: int) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     parts = _full_batch(n * world)
     rows = slice(rank * n, (rank + 1) * n)
-    torch.save(_objectives(lambda: _features(parts, rows, gathered=True), n), f"{out}/rank{rank}.pt")
+    torch.save(_objectives(lambda masked: _features(parts, rows, masked), n), f"{out}/rank{rank}.pt")
     dist.barrier()
     # A spawned gloo process that has run a collective can abort while the interpreter tears down
     # ("terminate called without an active exception": 4-13 exits in 20-30 with torch 2.14.1 on
@@ -204,7 +208,7 @@ def test_two_rank_gathered_loss_and_gradients_equal_the_full_batch(tmp_path):
     n, world = 5, 2  # odd rows: offsets are not tile-aligned
     mp.spawn(_rank_main, args=(world, str(tmp_path / "store"), str(tmp_path), n), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
-    full = _objectives(lambda: _features(_full_batch(n * world), slice(None), gathered=False), n * world)
+    full = _objectives(lambda masked: _features(_full_batch(n * world), slice(None), masked), n * world)
     for case, (loss, grads) in full.items():
         mean_loss = sum(r[case][0] for r in ranks) / world
         torch.testing.assert_close(mean_loss, loss, rtol=1e-5, atol=1e-6, msg=case)

@@ -109,3 +109,17 @@ def test_accuracy_curves_every_n_steps(tiny_data, tiny_checkpoint, tmp_path):
     assert rows[0]["forget_acc"] == report["before"]["zeroshot"]["forget_acc"]
     assert rows[-1]["retain_acc"] == report["after"]["zeroshot"]["retain_acc"]
     assert list((out / "tensorboard").glob("events.out.tfevents.*")), "TensorBoard curves are written"
+
+
+def test_mask_duplicate_captions_changes_the_run(tiny_data, tiny_checkpoint, tmp_path):
+    """The embedded data repeats captions ("a circle"), so masking them out of the negatives
+    changes the losses from the first step on; both runs stay finite."""
+    first = {}
+    for masked in (False, True):
+        out = tmp_path / f"mask-{masked}"
+        args = run_args(tiny_data, out, pretrained=tiny_checkpoint, method="graddiff", steps=2)
+        assert cli.main(args + ["--set", "log_every=1", "--set", f"mask_duplicate_captions={str(masked).lower()}"]) == 0
+        first[masked] = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    for term in ("retain_infonce", "forget_infonce"):
+        assert first[True][term] != pytest.approx(first[False][term], rel=1e-4), term
+        assert first[True][term] < first[False][term], "fewer negatives, a smaller InfoNCE"

@@ -217,3 +217,36 @@ def test_subgroup_plan():
     assert SubgroupOptions(subgroup_stages="restore,forget").plan(9) == (("forget", "restore"), 9, 0)
     assert SubgroupOptions(subgroup_stages="remind").plan(9) == (("remind",), 0, 9)
     assert SubgroupOptions(subgroup_stages="restore").plan(9) == (("restore",), 0, 0)
+
+
+def test_build_features_numbers_identical_captions_alike_within_each_stream():
+    from cliperase.engine.methods import build_features
+
+    tokens = torch.tensor([[5, 1], [6, 2], [5, 1], [7, 3], [6, 2], [7, 3], [8, 0]])  # forget rows 0-2, retain 3-6
+    img, txt = torch.randn(7, 4), torch.randn(7, 4)
+    kw = dict(tokens=tokens, teacher={}, logit_scale=1.0, teacher_logit_scale=1.0, step=0, state={})
+    f = build_features({"forget": 3, "retain": 4}, img, txt, mask_captions=True, **kw)
+    fo, re = f.forget.caption_ids.tolist(), f.retain.caption_ids.tolist()
+    assert fo[0] == fo[2] and len({fo[0], fo[1]}) == 2
+    assert re[0] == re[2] and len({re[0], re[1], re[3]}) == 3
+    assert torch.equal(f.forget.img, img[:3]) and torch.equal(f.retain.txt, txt[3:])
+    assert f.forget.img_all is f.forget.img, "one process: the columns are the rows (the symmetric loss path)"
+    plain = build_features({"forget": 3, "retain": 4}, img, txt, mask_captions=False, **kw)
+    assert plain.forget.caption_ids is None and plain.retain.caption_ids is None
+
+
+def test_masking_duplicate_captions_reaches_every_contrastive_loss(feats):
+    """With caption ids each method's InfoNCE and KL are the references' masked ones, and with
+    duplicates they differ from the unmasked losses."""
+    from cliperase.kernels import clip_infonce_ref, cliperase_loss_ref
+
+    ids = torch.tensor([0, 0])  # both captions identical: the off-diagonal pair is no negative
+    masked = replace(feats, forget=replace(feats.forget, caption_ids=ids), retain=replace(feats.retain, caption_ids=ids))
+    r, fg = masked.retain, masked.forget
+    infonce, kl = cliperase_loss_ref(*r.pairs(), r.teacher_img, r.teacher_txt, 2.0, teacher_logit_scale=2.0, caption_ids=ids)
+    out = _objective("cliperase", masked, mask_duplicate_captions=True)
+    assert out["retain_infonce"].item() == pytest.approx(infonce.item(), rel=1e-5)
+    assert out["consistency_kl"].item() == pytest.approx(kl.item(), abs=1e-6)
+    ga = _objective("ga", masked, mask_duplicate_captions=True)
+    assert ga["forget_infonce"].item() == pytest.approx(clip_infonce_ref(*fg.pairs(), 2.0, caption_ids=ids).item(), rel=1e-5)
+    assert out["retain_infonce"].item() != pytest.approx(_objective("cliperase", feats)["retain_infonce"].item(), rel=1e-3)

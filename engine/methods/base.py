@@ -113,13 +113,13 @@ def _side(img: Tensor, txt: Tensor, teacher: Optional[Tuple[Tensor, Tensor]], to
     return side
 
 
-def build_features(rows: Mapping[str, int], img: Tensor, txt: Tensor, *, tokens: Mapping[str, Tensor],
+def build_features(rows: Mapping[str, int], img: Tensor, txt: Tensor, *, tokens: Tensor,
                    teacher: Mapping[str, Tuple[Tensor, Tensor]], logit_scale, teacher_logit_scale, step: int,
                    state: Dict[str, Any], mask_captions: bool) -> Features:
     """The step's Features from one forward over every stream's rows.
 
     `rows`: {stream: row count}, in the order the streams' rows were concatenated into `img` /
-    `txt` (B, d); `tokens`: {stream: (b, context) int64} (read only when `mask_captions`);
+    `txt` (B, d) and `tokens` (B, context) int64 (read only when `mask_captions`);
     `teacher`: {stream: (img, txt)} normalised teacher rows of the streams the method asks for.
     Collective when distributed: every rank calls it with the same streams.
     """
@@ -127,7 +127,7 @@ def build_features(rows: Mapping[str, int], img: Tensor, txt: Tensor, *, tokens:
     start = 0
     for name, n in rows.items():
         sides[name] = _side(img[start:start + n], txt[start:start + n], teacher.get(name),
-                            tokens[name] if mask_captions else None)
+                            tokens[start:start + n] if mask_captions else None)
         start += n
     return Features(forget=sides.get("forget"), retain=sides.get("retain"), logit_scale=logit_scale,
                     teacher_logit_scale=teacher_logit_scale, step=step, state=state)
