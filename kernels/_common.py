@@ -61,6 +61,30 @@ def check_columns(local: Tensor, name: str, cols: Optional[Tensor], row_offset: 
     return cols
 
 
+def mm_f32(x: Tensor, y: Tensor) -> Tensor:
+    """`x @ y` as fp32. Half-precision operands: on CUDA one cuBLAS GEMM with fp32 accumulation
+    and fp32 output (`out_dtype`, torch >= 2.8); on CPU, which has no such GEMM, the product
+    (accumulated in fp32 by oneDNN) is rounded to the input dtype before the upcast."""
+    if x.dtype == torch.float32:
+        return x @ y
+    if x.is_cuda:
+        return torch.mm(x, y, out_dtype=torch.float32)
+    return (x @ y).float()
+
+
+def addmm_f32(acc: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """`acc + x @ y` for an fp32 `acc`; may return a new tensor (use the result).
+
+    On CUDA with half-precision operands the sum happens in the GEMM's epilogue (one read and
+    one write of `acc`, nothing rounded to 16 bits) instead of a GEMM to a 16-bit temporary,
+    an upcast and an add (about five fp32 passes over an `acc`-sized buffer)."""
+    if x.dtype == torch.float32:
+        return acc.addmm_(x, y)
+    if x.is_cuda:
+        return torch.addmm(acc, x, y, out_dtype=torch.float32)
+    return acc.add_(mm_f32(x, y))
+
+
 def check_caption_ids(caption_ids: Optional[Tensor], columns: Sequence[Tensor]) -> Optional[Tensor]:
     """Validate global caption ids against the global columns; return them as int64 (or None).
 

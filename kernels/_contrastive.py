@@ -33,6 +33,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._common import mm_f32
 from ._layout import Pass, Stats
 
 __all__ = ["contrastive_loss", "ChunkedConfig", "DEFAULT_CHUNKED_CONFIG", "TILE_DTYPES", "tile_dtype"]
@@ -71,17 +72,6 @@ def tile_dtype(mode: str, dtype: torch.dtype, is_cuda: bool) -> torch.dtype:
     return dtype
 
 
-def _mm(x: Tensor, y: Tensor) -> Tensor:
-    """`x @ y` as fp32. Half-precision operands: on CUDA one cuBLAS GEMM with fp32 accumulation
-    and fp32 output (`out_dtype`, torch >= 2.8); on CPU, which has no such GEMM, the product
-    (accumulated in fp32 by oneDNN) is rounded to the input dtype before the upcast."""
-    if x.dtype == torch.float32:
-        return x @ y
-    if x.is_cuda:
-        return torch.mm(x, y, out_dtype=torch.float32)
-    return (x @ y).float()
-
-
 _MASKED_LOGIT = -1e30  # far below any logit (|S| <= s <= 100) yet finite: see _ChunkedBackend._tile
 
 
@@ -116,11 +106,11 @@ class _ChunkedBackend:
 
     def _tile(self, p: Pass, s, s0, r0, r1, c0, c1, a, a0):
         b = p.b[c0:c1].to(a.dtype)
-        dot = _mm(a, b.T)
+        dot = mm_f32(a, b.T)
         logits = s * dot
         dot0 = logits0 = None
         if p.a0 is not None:
-            dot0 = _mm(a0, p.b0[c0:c1].to(a.dtype).T)
+            dot0 = mm_f32(a0, p.b0[c0:c1].to(a.dtype).T)
             logits0 = s0 * dot0
         if p.row_ids is not None:
             same = p.row_ids[r0:r1, None] == p.col_ids[None, c0:c1]
@@ -232,8 +222,8 @@ class _ChunkedBackend:
                 else:
                     # Gradient GEMMs in the tile dtype too (G rounded once), summed in fp32.
                     g_low = g.to(dt)
-                    da[r0:r1] += _mm(g_low, b)
-                    db[c0:c1] += _mm(g_low.T, a)
+                    da[r0:r1] += mm_f32(g_low, b)
+                    db[c0:c1] += mm_f32(g_low.T, a)
                 if h is not None:
                     ds0 = ds0 + (h * dot0).sum()
         if want_ds:

@@ -10,15 +10,22 @@ and keeps online row statistics in registers: running max / sum for the LSE and,
 the teacher's running max / sum and the teacher-weighted `sum_j p0_ij (S0_ij - S_ij)`, all
 rescaled when the running max moves. It writes one partial `(lse, lse0, q)` per (split, row),
 and in symmetric mode one per (row block, column) for the text->image direction; the host
-merges the partials (O(N * N / BLOCK) floats, a small fraction of N x N).
+merges the partials (O(N * N / BLOCK_M) floats, a small fraction of N x N).
 
 Backward, `_grad_logits_kernel`: grid over (row blocks, column blocks) of a column stripe.
 Each program recomputes S (and S0), forms the gradient wrt the logits
 `c_inf (p - onehot) + c_kl (p - p0)` for rows (and columns in symmetric mode) from the saved
-LSEs and stores it for the stripe (with the teacher logits' term for the gradient wrt `s0` reduced
-per tile; the gradient wrt `s` is `sum(A * (G @ B))` on the host). The two gradient GEMMs per stripe (`G @ B`, `G.T @ A`) are left to cuBLAS: with
-d up to 1280 a program cannot hold a (BLOCK_M x d) gradient accumulator in registers, and
-splitting d would recompute S d / BLOCK_D times. The stripe width bounds the extra memory.
+LSEs and stores it for the stripe (with the teacher logits' term for the gradient wrt `s0`
+reduced per tile; the gradient wrt `s` is `sum(A * (G @ B))` on the host). The two gradient
+GEMMs per stripe (`G @ B`, `G.T @ A`) are left to cuBLAS with fp32 output, dA accumulating
+across stripes inside the GEMM: with d up to 1280 a program cannot hold a (BLOCK_M x d)
+gradient accumulator in registers, and splitting d would recompute S d / BLOCK_D times. The
+stripe width bounds the extra memory (`TritonConfig.stripe_bytes`).
+
+Both kernels: masked pairs (padding, equal caption ids) get the finite logit MASKED for the
+student and the teacher; logits are base 2 (S * log2 e) in the epilogue, so an exponential is
+one `exp2`; the statistics stored are natural logs. Launch tiles come from `_triton_tiles.TILES`
+by GPU architecture, dtype and variant (spill-free when compiled: tests/test_triton_tiles.py).
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._common import addmm_f32, mm_f32
 from ._layout import Pass, Stats
 from ._triton_tiles import Tile, tile_for, variant_name
 
@@ -274,7 +282,7 @@ class TritonConfig:
     fwd: Optional[Tile] = None  # forward tile; None: the shipped table for the device (_triton_tiles)
     bwd: Optional[Tile] = None  # backward tile; None: likewise
     min_programs: int = 0  # forward grid target; 0 = 4 x the GPU's SM count
-    stripe_bytes: int = 1 << 29  # backward: memory for one stripe of logit gradients
+    stripe_bytes: int = 1 << 30  # backward: memory for one stripe of logit gradients (G)
     stripe_cols: int = 0  # backward: fixed stripe width (0 = from stripe_bytes)
 
 
@@ -400,10 +408,10 @@ class TritonBackend:
                 num_warps=tile.num_warps, num_stages=tile.num_stages,
             )
             g_w = g[:, :width]
-            # Gradient GEMMs in the input dtype (fp32 accumulation inside the GEMM), summed
-            # across stripes in fp32.
-            da += (g_w @ b[c0 : c0 + width]).float()
-            db[c0 : c0 + width] = (g_w.T @ a).float()
+            # Gradient GEMMs in the input dtype with fp32 output; dA accumulates across stripes
+            # inside the GEMM (no per-stripe rounding to 16 bits, no extra pass over dA).
+            da = addmm_f32(da, g_w, b[c0 : c0 + width])
+            db[c0 : c0 + width] = mm_f32(g_w.T, a)
             if teacher:
                 ds0_parts.append(ds0_part)
         # sum_ij G_ij a_i.b_j = sum_i a_i.(G B)_i: no reduction over n x N terms needed.
