@@ -64,6 +64,10 @@ def check_model_spec(name: str, pretrained: Optional[str]) -> List[str]:
     """Problems with a model name / pretrained spec, found without building anything."""
     import open_clip
 
+    if pretrained and Path(pretrained).is_dir():  # a Hugging Face CLIP directory: engine/hf.py
+        from .hf import hf_spec_problems
+
+        return hf_spec_problems(name, pretrained)
     problems = []
     models = available_models()
     if name not in models:
@@ -75,9 +79,6 @@ def check_model_spec(name: str, pretrained: Optional[str]) -> List[str]:
         return problems
     if Path(pretrained).is_file():
         return checkpoint_file_problems(pretrained)
-    if Path(pretrained).is_dir():
-        problems.append(f"pretrained: {pretrained!r} is a directory, expected a checkpoint file")
-        return problems
     if _looks_like_path(pretrained):
         problems.append(f"pretrained: checkpoint file {pretrained!r} does not exist")
         return problems
@@ -184,7 +185,8 @@ def _quiet_random_init(asked: bool):
 
 
 def load_model(name: str, pretrained: Optional[str] = None, *, device: str | torch.device = "cpu") -> LoadedModel:
-    """Build an open_clip model by architecture name with weights from a tag, a file, or none.
+    """Build an open_clip model by architecture name with weights from a tag, a file, a Hugging
+    Face CLIP directory (engine/hf.py: `name` must build its network), or none.
 
     Raises ConfigError naming the problem: unknown name (with close matches), missing file,
     unknown tag (with the available ones), or tag weights that cannot be fetched.
@@ -194,6 +196,10 @@ def load_model(name: str, pretrained: Optional[str] = None, *, device: str | tor
     problems = check_model_spec(name, pretrained)
     if problems:
         raise ConfigError(problems)
+    if pretrained and Path(pretrained).is_dir():  # a Hugging Face CLIP directory: engine/hf.py
+        from .hf import load_hf_clip
+
+        return load_hf_clip(name, pretrained, device=device)
     is_tag = bool(pretrained) and not Path(pretrained).is_file()
     offline = is_tag and (os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or not _hub_reachable())
     try:
