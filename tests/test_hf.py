@@ -227,6 +227,30 @@ def test_sharded_and_legacy_weight_files(chain, tmp_path):
         _same_embeddings(load_model("tiny-vit", str(d)).model, hf, "tiny-vit")
 
 
+# The hub's CLIP configs (numbers as in their config.json), without their weights.
+HUB = {
+    "ViT-B-16-quickgelu": (512, (512, 2048, 12, 8), (768, 3072, 12, 12, 224, 16), "quick_gelu"),  # openai B/16
+    "ViT-L-14-quickgelu": (768, (768, 3072, 12, 12), (1024, 4096, 24, 16, 224, 14), "quick_gelu"),  # openai L/14
+    "ViT-L-14-336-quickgelu": (768, (768, 3072, 12, 12), (1024, 4096, 24, 16, 336, 14), "quick_gelu"),
+    "ViT-B-16": (512, (512, 2048, 12, 8), (768, 3072, 12, 12, 224, 16), "gelu"),  # laion B/16
+    "ViT-L-14": (768, (768, 3072, 12, 12), (1024, 4096, 24, 16, 224, 14), "gelu"),  # laion L/14
+    "ViT-H-14": (1024, (1024, 4096, 24, 16), (1280, 5120, 32, 16, 224, 14), "gelu"),  # laion H/14 (SD 2.x)
+    "ViT-bigG-14": (1280, (1280, 5120, 32, 20), (1664, 8192, 48, 16, 224, 14), "gelu"),  # laion bigG (SDXL)
+}
+
+
+@pytest.mark.parametrize("name", sorted(HUB))
+def test_hub_configs_map_onto_open_clip_names(tmp_path, name):
+    from safetensors.torch import save_file
+
+    proj, (tw, tm, tl, th), (vw, vm, vl, vh, size, patch), act = HUB[name]
+    cfg = CLIPConfig(projection_dim=proj, text_config=_tower(tw, tm, tl, th, act, eos_token_id=2),  # the legacy id
+                     vision_config=_tower(vw, vm, vl, vh, act, image_size=size, patch_size=patch))
+    cfg.save_pretrained(tmp_path)
+    save_file({"logit_scale": torch.zeros(())}, str(tmp_path / "model.safetensors"))  # found, never loaded here
+    assert hf_model_name(str(tmp_path)) == name
+
+
 def _config_dir(tmp_path, config: dict, weights_from=None):
     d = tmp_path / "dir"
     d.mkdir()
