@@ -270,7 +270,7 @@ def _resolve(name: Optional[str], path: str) -> Tuple[Optional[str], List[str]]:
         return name, []
     why = "an unknown architecture" if name not in open_clip.list_models() else "another network"
     return None, [f"model: {name!r} disagrees with the Hugging Face directory {path!r}, which holds {inferred} "
-                  f"({_describe(cfg)}); {name!r} is {why}. Pass --model {inferred} or leave --model out"]
+                  f"({_describe(cfg)}); {name!r} is {why}. Pass --model {inferred}"]
 
 
 def hf_spec_problems(name: Optional[str], path: str) -> List[str]:

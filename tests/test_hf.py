@@ -22,7 +22,7 @@ from cliperase.engine import ConfigError
 from cliperase.engine.checkpoint import export_open_clip
 from cliperase.engine.hf import export_hf, hf_model_name, hf_text_encoder, hf_to_open_clip, open_clip_to_hf
 from cliperase.engine.models import check_model_spec, load_model
-from helpers import tiny_checkpoint  # noqa: F401
+from helpers import run_args, tiny_checkpoint, tiny_data  # noqa: F401
 from launch import export as export_cli
 
 
@@ -378,3 +378,19 @@ def test_cli_refuses_a_non_empty_output(chain, tmp_path, capsys):
     assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "model.pt").is_file()
     assert export_cli.main(["--pretrained", str(hf_path), "--to", "hf", "--output", str(hf_path), "--overwrite"]) == 2
     assert "would overwrite the input" in capsys.readouterr().err
+
+
+def test_unlearn_from_a_hf_directory_then_export_the_run(chain, tiny_data, tmp_path):
+    """The hook in models.py end to end: a run starts from a HF directory, records it as its original,
+    and its result goes back out as a HF directory."""
+    from launch import unlearn
+
+    hf_path = str(chain("tiny-vit")["hf_dir"])
+    args = run_args(tiny_data, tmp_path / "run")
+    args[args.index("tiny-clip")] = "tiny-vit"
+    assert unlearn.main(args + ["--pretrained", hf_path]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["config"]["pretrained"] == hf_path and report["before"]  # evaluated the imported weights
+    assert export_cli.main(["--run", str(tmp_path / "run"), "--to", "hf", "--output", str(tmp_path / "out")]) == 0
+    _equal_states(hf_to_open_clip(load_file(str(tmp_path / "out" / "model.safetensors"))),
+                  torch.load(tmp_path / "run" / "model.pt"))
