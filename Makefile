@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints/cpu.txt -e '.[dev,triton]'
+	$(PY) -m pip install -q -c constraints/cpu.txt -e '.[dev,triton,hf]'
 	touch $(STAMP)
 
 demo: $(STAMP)

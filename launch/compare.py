@@ -46,6 +46,7 @@ from cliperase.engine.eval.forget import (load_pairs, membership_inference_auc, 
 from cliperase.engine.eval.metrics import zeroshot_accuracy
 from cliperase.engine.methods import METHODS
 from cliperase.engine.models import load_model
+from cliperase.engine.models.hf import hf_model_name
 from cliperase.engine.preflight import problems as config_problems
 from cliperase.engine.tools.demo import DEMO_TASKS, demo_fields
 from cliperase.engine.tools.synthetic import generate, write_pairs
@@ -96,6 +97,8 @@ def base_fields(args: argparse.Namespace) -> Tuple[dict, bool]:
         given["forget_classes"] = [c.strip() for c in args.forget_classes.split(",") if c.strip()]
     given.pop("method", None)
     given.setdefault("output_dir", args.output_dir)
+    if isinstance(given.get("pretrained"), str) and "model" not in given:
+        given["model"] = hf_model_name(given["pretrained"]) or UnlearnConfig.model  # a HF CLIP directory names its own
     if not any(k in given for k in _DATA_FLAGS):
         return demo_fields(progress=not args.no_progress, task=args.task or "circle", **given), True
     if args.task:

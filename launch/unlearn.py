@@ -13,6 +13,7 @@ from typing import List, Optional
 
 from cliperase.engine import ConfigError, UnlearnConfig, unlearn
 from cliperase.engine.config import config_overrides, method_names
+from cliperase.engine.models.hf import hf_model_name
 from cliperase.engine.stopping import Interrupted
 from cliperase.engine.tools.demo import demo_config
 from cliperase.engine.trainer import NonFiniteLoss
@@ -67,6 +68,9 @@ def config_from_args(args: argparse.Namespace) -> Optional[UnlearnConfig]:
         given["forget_classes"] = [c.strip() for c in args.forget_classes.split(",") if c.strip()]
     if not given:
         return None
+    if isinstance(given.get("pretrained"), str) and "model" not in given:
+        # A Hugging Face CLIP directory names its own architecture (None for anything else).
+        given["model"] = hf_model_name(given["pretrained"]) or UnlearnConfig.model
     return UnlearnConfig.from_dict(given)
 
 

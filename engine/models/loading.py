@@ -1,0 +1,113 @@
+"""Models by open_clip architecture name with weights from a tag, a local checkpoint file, a Hugging
+Face CLIP directory (hf.py), or none: checked without building anything, then built."""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import socket
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from ..errors import ConfigError
+from .hf import hf_spec_problems, load_hf_clip
+from .registry import LoadedModel, _brief, _quiet_random_init, available_models, checkpoint_file_problems
+
+__all__ = ["check_model_spec", "load_model"]
+
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz")
+
+
+def _looks_like_path(spec: str) -> bool:
+    return os.sep in spec or spec.startswith(".") or spec.endswith(_CHECKPOINT_SUFFIXES)
+
+
+def check_model_spec(name: str, pretrained: Optional[str]) -> List[str]:
+    """Problems with a model name / pretrained spec, found without building anything."""
+    import open_clip
+
+    if pretrained and Path(pretrained).is_dir():  # a Hugging Face CLIP directory
+        return hf_spec_problems(name, pretrained)
+    problems = []
+    models = available_models()
+    if name not in models:
+        close = difflib.get_close_matches(name, models, n=5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        problems.append(f"model: unknown architecture {name!r}.{hint} Available: {', '.join(models)}")
+        return problems
+    if not pretrained:
+        return problems
+    if Path(pretrained).is_file():
+        return checkpoint_file_problems(pretrained)
+    if _looks_like_path(pretrained):
+        problems.append(f"pretrained: checkpoint file {pretrained!r} does not exist")
+        return problems
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        listed = ", ".join(tags) if tags else "none (use a local checkpoint path)"
+        problems.append(f"pretrained: {pretrained!r} is neither a file nor an open_clip tag of {name}; tags: {listed}")
+    return problems
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """Hub offline mode for one call. Without it a missing network costs about a minute of
+    retries before failing; offline mode still serves weights already in the local cache.
+    huggingface_hub reads HF_HUB_OFFLINE once at import, so its constant is set too."""
+    if not offline:
+        yield
+        return
+    import huggingface_hub.constants as hub
+
+    saved_env, saved_const = os.environ.get("HF_HUB_OFFLINE"), hub.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], hub.HF_HUB_OFFLINE = "1", True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = saved_const
+        if saved_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
+
+
+def load_model(name: str, pretrained: Optional[str] = None, *, device: str | torch.device = "cpu") -> LoadedModel:
+    """Build an open_clip model by architecture name with weights from a tag, a file, a Hugging
+    Face CLIP directory (engine/hf.py: `name` must build its network), or none.
+
+    Raises ConfigError naming the problem: unknown name (with close matches), missing file,
+    unknown tag (with the available ones), or tag weights that cannot be fetched.
+    """
+    import open_clip
+
+    problems = check_model_spec(name, pretrained)
+    if problems:
+        raise ConfigError(problems)
+    if pretrained and Path(pretrained).is_dir():  # a Hugging Face CLIP directory
+        return load_hf_clip(name, pretrained, device=device)
+    is_tag = bool(pretrained) and not Path(pretrained).is_file()
+    offline = is_tag and (os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or not _hub_reachable())
+    try:
+        with _hub_offline(offline), _quiet_random_init(not pretrained):
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, device=device)
+    except Exception as exc:  # open_clip and the hub raise many types; name the input instead
+        if is_tag:
+            raise ConfigError([
+                f"pretrained: could not load tag {pretrained!r} of {name} ({type(exc).__name__}: {exc}). "
+                "Without network access, download the weights elsewhere and pass the file path."
+            ]) from exc
+        if pretrained:
+            raise ConfigError([f"pretrained: {pretrained!r} is not a checkpoint of {name} ({_brief(exc)})"]) from exc
+        raise
+    model.eval()
+    return LoadedModel(model, preprocess, open_clip.get_tokenizer(name), name, pretrained)
