@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -114,22 +115,26 @@ def make_data(root: Path, batch: int, px: int, n_eval: int) -> Dict[str, object]
     return {"seconds": time.perf_counter() - t0, "pairs_each": batch, "eval_images": n_eval, "px": px}
 
 
-def plain_steps(model_name: str, batch: int, steps: int, warmup: int, ckpt: Path) -> Dict[str, object]:
+def plain_steps(model_name: str, batch: int, steps: int, warmup: int, ckpt: Path, *,
+                require_cuda: bool) -> Dict[str, object]:
     """Build the model with random weights on the device, save it to `ckpt`, time `steps` plain
-    open_clip steps on 2 x batch random pairs (see the module docstring)."""
+    open_clip steps on 2 x batch random pairs (see the module docstring). Raises RuntimeError
+    without CUDA when `require_cuda`."""
     import open_clip
     import torch
 
     _register_engine_configs()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if require_cuda and dev != "cuda":
+        raise RuntimeError("no CUDA device: the vith part needs a GPU (--dry for the CPU dry run)")
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    with torch.device(dev):
-        model = open_clip.create_model(model_name)
+    with torch.device(dev):  # device= too: create_model ends with model.to(device), "cpu" by default
+        model = open_clip.create_model(model_name, device=dev)
     out: Dict[str, object] = {"device": dev, "build_s": time.perf_counter() - t0,
                               "params": sum(p.numel() for p in model.parameters())}
     t0 = time.perf_counter()
-    torch.save(model.state_dict(), ckpt)
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, ckpt)  # CPU tensors, as checkpoints ship
     out.update(save_s=time.perf_counter() - t0, checkpoint_bytes=ckpt.stat().st_size)
     model.train()
     model.set_grad_checkpointing(True)
@@ -178,30 +183,50 @@ def engine_args(s: dict, data: Path, ckpt: Path, run: Path) -> List[str]:
             "--set", "save_every=0", "--set", 'export_precision="bf16"']
 
 
+class PartTimeout(Exception):
+    """The kit's cap reached this part (SIGTERM): stop waiting, keep what the run wrote."""
+
+
+def _on_sigterm(signum, frame):
+    raise PartTimeout()
+
+
 def engine_run(s: dict, data: Path, ckpt: Path, run: Path, log: Path) -> Dict[str, object]:
     """The unlearning run under the deepspeed launcher, 1 rank; its step times, telemetry and peak."""
     peak_file = run.parent / "engine-peak.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["GPU_CHECK_PEAK_JSON"] = str(peak_file)
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", str(_free_port()),
+    # The `deepspeed` command's own entry point, wherever pip put the script.
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(_free_port()),
            str(ROOT / "benchmarks" / "gpu" / "unlearn_peak.py"), *engine_args(s, data, ckpt, run)]
+    out: Dict[str, object] = {"command": cmd, "rc": None}
     t0 = time.perf_counter()
     with NvmlSampler() as nvml, open(log, "w") as sink:
-        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, timeout=ENGINE_TIMEOUT_S).returncode
-    out: Dict[str, object] = {"rc": rc, "launcher_wall_s": time.perf_counter() - t0, "command": cmd, "nvml": nvml.summary()}
+        try:
+            out["rc"] = subprocess.run(cmd, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                       timeout=ENGINE_TIMEOUT_S).returncode
+        except PartTimeout:  # the launcher and its rank got the same SIGTERM (one process group)
+            out["interrupted"] = "SIGTERM: the kit's time cap"
+    out.update(launcher_wall_s=time.perf_counter() - t0, nvml=nvml.summary())
+    out.update(read_run(run, peak_file, s))
+    if out["rc"] != 0:
+        out["log_tail"] = log.read_text(errors="replace")[-4000:]
+    return out
+
+
+def read_run(run: Path, peak_file: Path, s: dict) -> Dict[str, object]:
+    """Step times (log.jsonl), report.json's telemetry and the torch peak, as far as written."""
+    out: Dict[str, object] = {}
     rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()] if (run / "log.jsonl").exists() else []
-    times = [1.0 / r["steps_per_s"] for r in rows if r.get("steps_per_s")]
-    if len(times) > s["warmup"]:
-        step_s = statistics.median(times[s["warmup"]:])
-        out.update(step_s=step_s, pairs_per_s=2 * s["batch"] / step_s)
-    out["step_times_s"] = times
+    out["step_times_s"] = [1.0 / r["steps_per_s"] for r in rows if r.get("steps_per_s")]
+    if len(out["step_times_s"]) > s["warmup"]:
+        out["step_s"] = statistics.median(out["step_times_s"][s["warmup"]:])
+        out["pairs_per_s"] = 2 * s["batch"] / out["step_s"]
     if (run / "report.json").exists():
         report = json.loads((run / "report.json").read_text())
         out["report"] = {k: report.get(k) for k in ("wall_s", "train_s", "telemetry", "teacher")}
     if peak_file.exists():
         out["torch_peak"] = json.loads(peak_file.read_text())
-    if rc != 0:
-        out["log_tail"] = log.read_text(errors="replace")[-4000:]
     return out
 
 
@@ -225,29 +250,35 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     s = SETTINGS[args.dry]
     if args.plain:
-        write_json(args.out, plain_steps(s["model"], s["batch"], s["plain_steps"], s["warmup"], args.plain))
+        write_json(args.out, plain_steps(s["model"], s["batch"], s["plain_steps"], s["warmup"], args.plain,
+                                         require_cuda=not args.dry))
         return 0
     if args.work is None:
         p.error("--work is required")
-    import torch
-
-    if not torch.cuda.is_available() and not args.dry:
-        p.error("no CUDA device: pass --dry for the CPU dry run")
     args.work.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     result: Dict[str, object] = {"part": "vith", "dry": args.dry, "settings": s}
-    result["data"] = make_data(args.work / "data", s["batch"], s["px"], s["n_eval"])
-    write_json(args.out, result)
-    ckpt = args.work / "random-init.pt"
-    result["plain"] = _plain_child(s, ckpt, args.work / "plain.json")
-    write_json(args.out, result)
+    try:
+        return _stages(s, args.work, args.out, result)
+    except PartTimeout:
+        result["interrupted"] = "SIGTERM: the kit's time cap"
+        write_json(args.out, result)
+        return 1
+
+
+def _stages(s: dict, work: Path, out: Path, result: Dict[str, object]) -> int:
+    result["data"] = make_data(work / "data", s["batch"], s["px"], s["n_eval"])
+    write_json(out, result)
+    ckpt = work / "random-init.pt"
+    result["plain"] = _plain_child(s, ckpt, work / "plain.json")
+    write_json(out, result)
     if "step_s" not in result["plain"]:
         return 1
-    result["engine"] = engine_run(s, args.work / "data", ckpt, args.work / "run", args.work / "engine.log")
+    result["engine"] = engine_run(s, work / "data", ckpt, work / "run", work / "engine.log")
     if "step_s" in result["engine"]:
         result["step_ratio"] = result["engine"]["step_s"] / result["plain"]["step_s"]
-    write_json(args.out, result)
+    write_json(out, result)
     return 0 if result["engine"]["rc"] == 0 and "step_ratio" in result else 1
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
