@@ -123,3 +123,16 @@ def test_source_digest_follows_the_package_sources(tmp_path):
     assert before == wheels.source_digest(ROOT)
     (tmp_path / "kernels" / "_common.py").write_text((tmp_path / "kernels" / "_common.py").read_text() + "\n# edited\n")
     assert wheels.source_digest(tmp_path) != before
+
+
+def test_read_run_takes_the_steps_after_warmup_from_a_partial_run(tmp_path):
+    """A run ended by the cap before report.json: the logged steps still give the step time."""
+    from benchmarks.gpu.vith import read_run
+
+    rows = [{"step": i + 1, "steps_per_s": sps, "loss": 1.0} for i, sps in enumerate((0.5, 2.0, 4.0, 1.0))]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "peak.json").write_text(json.dumps({"device": "x", "max_memory_allocated": 7}))
+    got = read_run(tmp_path, tmp_path / "peak.json", {"warmup": 1, "batch": 8})
+    assert got["step_times_s"] == [2.0, 0.5, 0.25, 1.0]
+    assert got["step_s"] == 0.5 and got["pairs_per_s"] == 32.0  # median of 0.5, 0.25, 1.0; 2 x 8 pairs
+    assert got["torch_peak"]["max_memory_allocated"] == 7 and "report" not in got
