@@ -1,12 +1,21 @@
 # Two entry points for a fresh machine with only python3 and pip:
 #   make demo   - create .venv, install, unlearn on the embedded default
 #   make test   - create .venv, install, run the test suite
+# The GPU validation kit (benchmarks/README.md, "GPU validation kit"):
+#   make gpu-wheels                - here, with PyPI: .whl/ holds every wheel the GPU image lacks
+#   make gpu-check                 - on the offline GPU machine: install .whl/, run the parts
+#   GPU_CHECK_DRY=1 make gpu-check - the same parts on CPU at tiny sizes (tests/test_gpu_check.py)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench clean
+# The GPU image's own python3 (torch 2.11, triton 3.6); never this machine's .venv.
+GPU_PYTHON ?= python3
+# What the dry run needs first (tests/test_gpu_check.py, already inside the venv, sets it empty).
+GPU_CHECK_DEPS ?= $(STAMP)
+
+.PHONY: demo test bench clean gpu-wheels gpu-check
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +30,17 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks --benchmark-enable --benchmark-json=benchmarks/results/latest-cpu.json
+
+gpu-wheels: $(STAMP)
+	$(PY) -m benchmarks.gpu.wheels build
+
+ifeq ($(GPU_CHECK_DRY),1)
+gpu-check: $(GPU_CHECK_DEPS)
+	$(PY) benchmarks/gpu_check.py --dry $(GPU_CHECK_ARGS)
+else
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+endif
 
 clean:
 	rm -rf $(VENV) runs .cache

@@ -80,9 +80,17 @@ def dtype_for(dev: str) -> torch.dtype:
     return torch.bfloat16 if dev == "cuda" else torch.float32
 
 
-def skip_reason(case: Case, dev: str) -> Optional[str]:
-    """Why this case cannot run here, or None."""
-    if dev == "cpu" and (case.n > CPU_MAX_N or case.d not in CPU_DS):
+# Bytes the materialised losses (naive, open_clip's ClipLoss) hold per logit at their fwd+bwd
+# peak in bf16 on CUDA: ~15.5 for InfoNCE (LIMITS.md, from Inf-CL's table); the KL losses hold
+# 2.6x (consistency_kl) and 3.1x (cliperase_loss) that: the naive peaks measured side by side on
+# CPU (results/cpu-kernels.json, N=4096: 754 and 907 MiB against 293 MiB).
+MATERIALISED_BYTES_PER_LOGIT = {"clip_infonce": 15.5, "consistency_kl": 15.5 * 2.6, "cliperase_loss": 15.5 * 3.1}
+
+
+def skip_reason(case: Case, dev: str, *, any_shape: bool = False) -> Optional[str]:
+    """Why this case cannot run here, or None. `any_shape` lifts the CPU shape grid (the GPU
+    kit's dry run times tiny shapes on CPU)."""
+    if dev == "cpu" and not any_shape and (case.n > CPU_MAX_N or case.d not in CPU_DS):
         return f"N={case.n}, d={case.d} is a GPU shape (CPU runs only N<={CPU_MAX_N}, d in {CPU_DS})"
     if case.provider in ("triton", "inf_cl") and dev != "cuda":
         return f"{case.provider} needs a CUDA GPU"
@@ -91,12 +99,24 @@ def skip_reason(case: Case, dev: str) -> Optional[str]:
             import inf_cl  # noqa: F401
         except ImportError:
             return "inf_cl is not installed (pip install inf_cl; needs CUDA)"
-    if case.provider == "naive" and dev == "cuda":
-        # ~15.5 B per logit (LIMITS.md): skip what cannot fit instead of failing with OOM.
+    if case.provider in ("naive", "open_clip") and dev == "cuda":
+        # Skip what cannot fit instead of failing with OOM.
+        need = MATERIALISED_BYTES_PER_LOGIT[case.loss] * case.n * case.n
         free, _ = torch.cuda.mem_get_info()
-        if 15.5 * case.n * case.n > 0.9 * free:
-            return f"naive needs ~{15.5 * case.n ** 2 / 2 ** 30:.0f} GiB at N={case.n}"
+        if need > 0.9 * free:
+            return (f"{case.provider} {case.loss} needs ~{need / 2 ** 30:.0f} GiB at N={case.n} "
+                    f"({MATERIALISED_BYTES_PER_LOGIT[case.loss]:.1f} B/logit), {free / 2 ** 30:.0f} GiB free")
     return None
+
+
+def one_rank_group() -> None:
+    """A one-process torch.distributed group (NCCL on CUDA, gloo on CPU) unless one exists:
+    Inf-CL's `cal_inf_loss` all-reduces the scale's gradient in backward."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)
 
 
 def make_inputs(loss: str, n: int, d: int, dev: str, dtype: torch.dtype, seed: int = 0) -> Dict[str, torch.Tensor]:
@@ -131,6 +151,7 @@ def loss_fn(loss: str, provider: str) -> Callable[[Dict[str, torch.Tensor], torc
         if provider == "inf_cl":
             from inf_cl import cal_inf_loss
 
+            one_rank_group()
             return lambda x, s: (cal_inf_loss(x["zi"], x["zt"], scale=s) + cal_inf_loss(x["zt"], x["zi"], scale=s)) / 2
         return lambda x, s: clip_infonce(x["zi"], x["zt"], s, impl=provider)
     if loss == "consistency_kl":
