@@ -4,7 +4,7 @@ open_clip training steps of the same model and batch, run one after the other in
     python -m benchmarks.gpu.vith --out vith.json --work DIR [--dry]
 
 1. data: forget (circles) and retain (the other shapes) pairs, `BATCH` each, and a small eval set,
-   rendered at 224 px by the engine's generator (`cliperase.engine.synthetic`, size=224) and
+   rendered at 224 px by the engine's generator (`cliperase.engine.tools.synthetic`, size=224) and
    written as shards;
 2. plain (a child process): the model built with random weights on the device (open_clip's
    init; built under `torch.device`, since building ViT-H on the CPU takes 25 s on 2 cores),
@@ -105,7 +105,7 @@ def _register_engine_configs() -> None:
 
 def make_data(root: Path, batch: int, px: int, n_eval: int) -> Dict[str, object]:
     """`root/{forget,retain,eval}`: `batch` forget and retain pairs and `n_eval` eval images, px x px."""
-    from cliperase.engine import synthetic
+    from cliperase.engine.tools import synthetic
 
     t0 = time.perf_counter()
     others = tuple(s for s in synthetic.SHAPES if s != FORGET_CLASS)
