@@ -1,6 +1,7 @@
 """`unlearn(UnlearnConfig(...))`: the surface the CLI and other frontends call."""
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 from .config import UnlearnConfig
@@ -9,12 +10,14 @@ from .recipe import UnlearnRecipe
 
 __all__ = ["unlearn"]
 
+log = logging.getLogger("cliperase")
+
 
 def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1) -> Optional[dict]:
     """Unlearn `cfg.forget_data` from `cfg.model` and report before/after metrics.
 
     Checks the whole config first (ConfigError lists every problem, before any model is
-    built), evaluates the original model, runs `cfg.steps` steps of `cfg.method`, evaluates
+    built; legal but suspicious setups are logged as warnings), evaluates the original model, runs `cfg.steps` steps of `cfg.method`, evaluates
     again with the same code, and writes to `cfg.output_dir`:
       - `report.json`: {"method", "model", "config", "steps", "wall_s", "before", "after", ...}
       - `model.pt` (+ `model.pt.json`): the unlearned weights as an open_clip state dict,
@@ -34,5 +37,6 @@ def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1)
     the gathered global batch, and only rank 0 evaluates and writes files. The run's stages are
     engine/recipe.py's UnlearnRecipe.
     """
-    check(cfg)
+    for warning in check(cfg):
+        log.warning(warning)
     return UnlearnRecipe(cfg, progress=progress, data_workers=data_workers).run()

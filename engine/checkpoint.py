@@ -86,7 +86,9 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def write_json(obj: Any, path: Path) -> None:
-    atomic_write_bytes((json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(), path)
+    """Strict JSON, atomically: a NaN or Inf anywhere raises ValueError instead of writing a file
+    that JSON readers refuse (and that would hide an empty metric as a number)."""
+    atomic_write_bytes((json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode(), path)
 
 
 def export_open_clip(model: nn.Module, path: Path, *, dtype: torch.dtype = torch.float32, meta: Optional[dict] = None) -> Path:

@@ -183,9 +183,11 @@ def trajectory_fields(cfg: UnlearnConfig) -> dict:
 
 
 def config_overrides(config_file: Optional[str], set_items: Sequence[str]) -> dict:
-    """Config keys from a JSON file, then `FIELD=VALUE` items (VALUE parsed as JSON when it
-    parses, else taken as a string), the later winning. Raises ConfigError naming an item that
-    is malformed or names no key."""
+    """Config keys from a JSON file, then `KEY=VALUE` items, the later winning. VALUE is parsed
+    as JSON when it parses, else taken as a plain string, except that a value which starts like
+    JSON (a quote, bracket or brace) must parse: `"colour=red` with its closing quote lost is an
+    error, not the string with a quote in it. Raises ConfigError naming the item that is
+    malformed or names no key (with the closest key)."""
     given: dict = {}
     if config_file:
         try:
@@ -200,9 +202,17 @@ def config_overrides(config_file: Optional[str], set_items: Sequence[str]) -> di
     for item in set_items:
         key, sep, value = item.partition("=")
         if not sep or key not in known:
-            raise ConfigError([f"--set {item!r}: expected FIELD=VALUE with FIELD one of {known}"])
+            close = difflib.get_close_matches(key, known, n=1) if sep else []
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError([f"--set {item!r}: expected FIELD=VALUE with FIELD one of the config keys{hint} "
+                               f"Keys: {', '.join(known)}"])
         try:
             given[key] = json.loads(value)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as exc:
+            if value.lstrip()[:1] in ('"', "[", "{"):
+                raise ConfigError([f"--set {item!r}: {value!r} starts like JSON but does not parse ({exc.msg}); "
+                                   f"write a string as {key}=text or {key}='\"text\"', a list as {key}='[...]'"]) from exc
             given[key] = value
     return given
+
+

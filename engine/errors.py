@@ -1,9 +1,12 @@
-"""The one exception type users see for bad input."""
+"""The exceptions a run ends with, importable without torch (the CLI refuses bad input before it
+imports anything heavy)."""
 from __future__ import annotations
 
+import signal
+from pathlib import Path
 from typing import Iterable, Union
 
-__all__ = ["ConfigError"]
+__all__ = ["ConfigError", "NonFiniteLoss", "Interrupted"]
 
 
 class ConfigError(ValueError):
@@ -17,3 +20,16 @@ class ConfigError(ValueError):
         else:
             msg = f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(msg)
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss term or a gradient became NaN or Inf; the message names the step and the term."""
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM or SIGINT stopped the run after saving a checkpoint; `--resume` continues it."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved in "
+                         f"{checkpoint}; run again with --resume to continue")

@@ -1,9 +1,12 @@
 """Everything wrong with a run config, found before anything is built.
 
 `problems(cfg)` lists every problem at once, each naming the field, what was expected and what
-came; `check(cfg)` raises them as one ConfigError. It reads only metadata (file existence, class
-names, a checkpoint's container, the first usable sample of each shard spec) and never builds a
-model, so a refused run costs seconds and writes nothing.
+came, with the closest valid value where there is one; `check(cfg)` raises them as one
+ConfigError and returns the warnings (legal but suspicious setups, engine/inputs.py). It reads
+only metadata (file existence, class names, a checkpoint's pickle, the first samples of each
+shard spec and of the evaluation set) and imports neither torch nor open_clip (except to check
+an open_clip tag or a CUDA device), so a refused command line costs well under a second and
+writes nothing.
 """
 from __future__ import annotations
 
@@ -14,39 +17,44 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Dict, List
 
-import torch
-
 from . import checks
 from .config import (EXPORT_PRECISIONS, LOSS_IMPLS, PRECISIONS, RUN_MARKERS, SCHEDULES, TEACHERS, UnlearnConfig,
                      method_names)
-from .data import DATA_SPLITS, ShardReader, eval_set_problems, resolve_shards, shard_problems
+from .data import DATA_SPLITS, ShardReader, eval_set_problems, shard_problems
 from .data.eval_set import eval_shards
 from .dist import launched
 from .dist.ds_config import deepspeed_config_problems
 from .errors import ConfigError
 from .eval.splits import parse_attributes
+from .inputs import Findings, class_problems, eval_findings, output_findings, stream_findings
 from .methods import METHODS, MethodOptions
 from .models import check_model_spec
 
-__all__ = ["problems", "check", "output_dir_problems"]
+__all__ = ["inspect", "problems", "check", "output_dir_problems"]
 
 
-def check(cfg: UnlearnConfig) -> UnlearnConfig:
-    """Raise ConfigError listing every problem at once; return `cfg` when there is none."""
-    found = problems(cfg)
-    if found:
-        raise ConfigError(found)
-    return cfg
+def check(cfg: UnlearnConfig) -> List[str]:
+    """Raise ConfigError listing every problem at once; return the warnings when there is none."""
+    found = inspect(cfg)
+    if found.problems:
+        raise ConfigError(found.problems)
+    return found.warnings
 
 
 def problems(cfg: UnlearnConfig) -> List[str]:
     """Every problem with `cfg`, each naming the field; empty when the run can start."""
+    return inspect(cfg).problems
+
+
+def inspect(cfg: UnlearnConfig) -> Findings:
+    """Every problem and every warning about `cfg`."""
     # --config and --set take any JSON value: a path or name of the wrong type is named first and
     # spares the checks below that would crash on it.
     mistyped = _type_problems(cfg)
     values = _value_problems(cfg)
-    return checks.collect(list(mistyped.values()), values, _method_problems(cfg),
-                          _scale_problems(cfg, mistyped, values), _input_problems(cfg, mistyped))
+    found = Findings(checks.collect(list(mistyped.values()), values, _method_problems(cfg),
+                                    _scale_problems(cfg, mistyped, values)))
+    return found.add(_input_findings(cfg, mistyped))
 
 
 def _type_problems(cfg: UnlearnConfig) -> Dict[str, str]:
@@ -140,38 +148,43 @@ def _scale_problems(cfg: UnlearnConfig, mistyped: Dict[str, str], values: List[s
     return p
 
 
-def _input_problems(cfg: UnlearnConfig, mistyped: Dict[str, str]) -> List[str]:
+def _input_findings(cfg: UnlearnConfig, mistyped: Dict[str, str]) -> Findings:
     """The files the run reads and writes: device, model and checkpoint, shards, eval set, output."""
-    p = _device_problems(cfg.device)
+    found = Findings(_device_problems(cfg.device))
     if not mistyped.keys() & {"model", "pretrained"}:
-        p.extend(check_model_spec(cfg.model, cfg.pretrained))
+        found.problems.extend(check_model_spec(cfg.model, cfg.pretrained))
+    streams = []
     for what in ("forget_data", "retain_data"):
         if what not in mistyped:
-            p.extend(shard_problems(getattr(cfg, what), what) or _sample_problems(getattr(cfg, what), what))
-    eval_problems = [] if "eval_data" in mistyped else eval_set_problems(cfg.eval_data)
-    p.extend(eval_problems)
-    if not cfg.forget_classes and "forget_classes" not in mistyped:
-        p.append("forget_classes: name at least one class of eval_data to forget")
-    elif not eval_problems and not mistyped.keys() & {"eval_data", "forget_classes"}:
-        p.extend(_class_problems(cfg))
+            shards = shard_problems(getattr(cfg, what), what)
+            found.problems.extend(shards)
+            streams += [] if shards else [what]
+    found.add(stream_findings(cfg, streams))
+    found.add(_eval_findings(cfg, mistyped))
     if "output_dir" not in mistyped:
-        p.extend(output_dir_problems(cfg.output_dir, cfg.overwrite or cfg.resume is not None))
+        found.problems.extend(output_dir_problems(cfg.output_dir, cfg.overwrite or cfg.resume is not None))
         ckpt = cfg.pretrained if "pretrained" not in mistyped and cfg.pretrained else None
         if ckpt and Path(ckpt).is_file() and (Path(cfg.output_dir) / "model.pt").resolve() == Path(ckpt).resolve():
-            p.append(f"output_dir: the unlearned model.pt would overwrite the input checkpoint {ckpt!r}; "
-                     "choose another output_dir")
-    return p
+            found.problems.append(f"output_dir: the unlearned model.pt would overwrite the input checkpoint {ckpt!r}; "
+                                  "choose another output_dir")
+        if not mistyped.keys() & {"forget_data", "retain_data", "eval_data", "pretrained"}:
+            found.add(output_findings(cfg, getattr(cfg.options, "calibration_data", None)))
+    return found
 
 
-def _class_problems(cfg: UnlearnConfig) -> List[str]:
-    names_file = Path(cfg.eval_data) / "classnames.txt"
-    if not names_file.is_file():
-        return _no_classnames_problems(Path(cfg.eval_data))
-    names = [x.strip() for x in names_file.read_text().splitlines() if x.strip()]
-    missing = [c for c in cfg.forget_classes if c not in names]
-    if missing:
-        return [f"forget_classes: {missing} not in {names_file} (classes: {', '.join(names)})"]
-    return []
+def _eval_findings(cfg: UnlearnConfig, mistyped: Dict[str, str]) -> Findings:
+    eval_problems = [] if "eval_data" in mistyped else eval_set_problems(cfg.eval_data)
+    if eval_problems:
+        return Findings(eval_problems)
+    if not cfg.forget_classes and "forget_classes" not in mistyped:
+        return Findings(["forget_classes: name at least one class of eval_data to forget"])
+    if mistyped.keys() & {"eval_data", "forget_classes"}:
+        return Findings()
+    if not (Path(cfg.eval_data) / "classnames.txt").is_file():
+        missing = _no_classnames_problems(Path(cfg.eval_data))
+        return Findings(missing) if missing else eval_findings(cfg)
+    unknown = class_problems(cfg.eval_data, cfg.forget_classes)
+    return Findings(unknown) if unknown else eval_findings(cfg)
 
 
 def output_dir_problems(output_dir: str, overwrite: bool) -> List[str]:
@@ -204,30 +217,19 @@ def _device_problems(device) -> List[str]:
     m = re.fullmatch(r"cuda(?::(\d+))?", device) if isinstance(device, str) else None
     if m is None:
         return [f"device: expected 'auto', 'cpu' or 'cuda[:N]', got {device!r}"]
-    # Otherwise the run fails after writing run.json, when the model is moved to the device.
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    # Otherwise the run fails after writing run.json, when the model is moved to the device. Without
+    # the NVIDIA driver there is none to count; with it, torch's own count (CUDA_VISIBLE_DEVICES).
+    if Path("/proc/driver/nvidia").is_dir():
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    else:
+        n = 0
     if n == 0:
         return [f"device: {device!r} asked for, but torch sees no CUDA device on this machine"]
     if m.group(1) is not None and int(m.group(1)) >= n:
         return [f"device: {device!r} asked for, but this machine has {n} CUDA device(s) (cuda:0 to cuda:{n - 1})"]
     return []
-
-
-def _sample_problems(spec: str, what: str) -> List[str]:
-    """Shards that exist but hold no usable image-caption pair (not tars, empty, json only)
-    otherwise fail only once training starts, after the model is built and evaluated. Reading
-    stops at the first usable sample: a few kilobytes when the data is good."""
-    reader = ShardReader(resolve_shards(spec, what), retries=0)
-    samples = iter(reader)
-    try:
-        if next(samples, None) is not None:
-            return []
-    finally:
-        samples.close()
-    skipped = {k: v for k, v in reader.skip_counts().items() if v}
-    bad = "; ".join(f"{url}: {why}" for url, why in list(reader.bad_shards.items())[:3])
-    return [f"{what}: no usable image-caption sample in {len(reader.shards)} shard(s) of {spec!r} "
-            f"(skipped: {skipped or 'nothing, the shards hold no samples'})" + (f"; {bad}" if bad else "")]
 
 
 def _no_classnames_problems(root: Path) -> List[str]:

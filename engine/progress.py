@@ -25,7 +25,8 @@ def progress_bar(iterable: Optional[Iterable] = None, *, desc: str = "", total: 
     """
     stream = file if file is not None else sys.stderr
     tty = bool(getattr(stream, "isatty", lambda: False)())
+    # miniters=1 with mininterval: tqdm then checks the clock every update and writes once per interval.
     limits = {"dynamic_ncols": True} if tty else {"mininterval": NON_TTY_INTERVAL_S, "maxinterval": NON_TTY_INTERVAL_S,
-                                                  "ncols": 100}
+                                                  "miniters": 1, "ncols": 100}
     return tqdm(iterable, desc=desc, total=total, disable=not enabled, unit=unit, initial=initial, file=stream,
                 **limits)

@@ -304,7 +304,8 @@ class UnlearnRecipe:
         self.eval_rows.append({"step": step, **zeroshot})
         if self.writer is not None:
             for k, v in zeroshot.items():
-                self.writer.add_scalar(f"eval/{k}", v, step)
+                if v is not None:  # a part without images has no accuracy
+                    self.writer.add_scalar(f"eval/{k}", v, step)
 
     # --- checkpoints -------------------------------------------------------------------------
 

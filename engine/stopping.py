@@ -5,23 +5,15 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from pathlib import Path
 from typing import Optional
 
 import torch
 
+from .errors import Interrupted
+
 __all__ = ["Interrupted", "StopSignals"]
 
 log = logging.getLogger("cliperase")
-
-
-class Interrupted(RuntimeError):
-    """SIGTERM or SIGINT stopped the run after saving a checkpoint; `--resume` continues it."""
-
-    def __init__(self, signum: int, step: int, checkpoint: Path):
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved in "
-                         f"{checkpoint}; run again with --resume to continue")
 
 
 class StopSignals:

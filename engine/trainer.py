@@ -18,12 +18,10 @@ from typing import Callable, Dict, Iterable, List, Optional
 import torch
 from torch import Tensor, nn
 
+from .errors import NonFiniteLoss
+
 __all__ = ["NonFiniteLoss", "make_optimizer", "lr_factor", "TorchStepper", "DeepSpeedStepper", "LossLog",
            "check_gradients", "resolve_device"]
-
-
-class NonFiniteLoss(RuntimeError):
-    """A loss term became NaN or Inf; the message names the step and the term."""
 
 
 def resolve_device(spec: str) -> torch.device:

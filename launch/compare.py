@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Tuple
 
 from cliperase.engine import ConfigError, UnlearnConfig, unlearn
 from cliperase.engine.checkpoint import write_json
-from cliperase.engine.config import all_keys, config_overrides, keys_for, method_names
+from cliperase.engine.config import all_keys, config_overrides, keys_for, method_names, trajectory_fields
 from cliperase.engine.data import load_eval_set
 from cliperase.engine.eval import (attribute_mask, embed_eval_set, forget_mask, parse_attributes, split_metrics,
                                    zeroshot_breakdown)
@@ -50,7 +50,8 @@ from cliperase.engine.models.hf import hf_model_name
 from cliperase.engine.preflight import problems as config_problems
 from cliperase.engine.tools.demo import DEMO_TASKS, demo_fields
 from cliperase.engine.tools.synthetic import generate, write_pairs
-from cliperase.engine.trainer import NonFiniteLoss, resolve_device
+from cliperase.engine.errors import Interrupted, NonFiniteLoss
+from cliperase.engine.trainer import resolve_device
 
 _DATA_FLAGS = ("model", "pretrained", "forget_data", "retain_data", "eval_data", "forget_classes")
 _HOLDOUT_SEED = 7919  # the embedded default's never-seen pairs: a seed neither train (0) nor eval (1) uses
@@ -77,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-pairs", type=int, default=1000, help="forget / never-seen pairs scored for the histograms and MIA (default 1000)")
     a("--output-dir", default="runs/compare", help="where the runs and the comparison go (default runs/compare)")
     a("--overwrite", action="store_true", help="allow --output-dir to hold earlier runs")
+    a("--resume", action="store_true", help="continue a stopped comparison: methods that finished are reused, the "
+                                            "interrupted one continues from its newest checkpoint")
     subgroups = ", ".join(t for t, d in DEMO_TASKS.items() if d.where)
     a("--task", help=f"embedded default only: what to forget, one of the demo tasks: circle (every circle, the "
                      f"default) or a subgroup of one class, the rest of it kept ({subgroups})")
@@ -106,7 +109,8 @@ def base_fields(args: argparse.Namespace) -> Tuple[dict, bool]:
     return given, False
 
 
-def method_configs(given: dict, methods: List[str], is_demo: bool, overwrite: bool) -> Dict[str, UnlearnConfig]:
+def method_configs(given: dict, methods: List[str], is_demo: bool, overwrite: bool,
+                   resume: bool = False) -> Dict[str, UnlearnConfig]:
     """One config per method: the shared keys it takes, its own run folder, curves every ~10%.
     Raises ConfigError for an option key that none of the methods takes (it would change nothing)."""
     options = {k for k in given if k in all_keys()} - set(UnlearnConfig.__dataclass_fields__)
@@ -121,6 +125,7 @@ def method_configs(given: dict, methods: List[str], is_demo: bool, overwrite: bo
                                        else 0)
     return {m: UnlearnConfig.from_dict({**keys_for(m, given), "method": m, "output_dir": str(out / m),
                                         "overwrite": overwrite, "eval_every": eval_every,
+                                        "resume": "latest" if resume else None,
                                         "log_every": min(shared.log_every, max(1, shared.steps // 30))})
             for m in methods}
 
@@ -296,6 +301,37 @@ def plot_forget_vs_retain(rows: List[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _finished(cfg: UnlearnConfig) -> Optional[dict]:
+    """The report of a finished run of exactly `cfg` in its folder (same trajectory), else None."""
+    path = Path(cfg.output_dir) / "report.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    return report if trajectory_fields(UnlearnConfig.from_dict(report["config"])) == trajectory_fields(cfg) else None
+
+
+def run_methods(configs: Dict[str, UnlearnConfig], *, resume: bool, progress: bool) -> Tuple[Dict[str, dict], Dict[str, str]]:
+    """Each method's run, in order: ({method: report}, {method: why it failed}). With `resume`, a
+    method whose folder holds a finished run of the same config is reused; the others continue
+    from their newest checkpoint or start (their configs say resume="latest"). Raises
+    Interrupted when a signal stops a run."""
+    reports: Dict[str, dict] = {}
+    errors: Dict[str, str] = {}
+    for name, cfg in configs.items():
+        earlier = _finished(cfg) if resume else None
+        if earlier is not None:
+            print(f"[compare] {name}: finished earlier, reused ({cfg.output_dir})", flush=True)
+            reports[name] = earlier
+            continue
+        print(f"[compare] {name}: {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed}", flush=True)
+        try:
+            reports[name] = unlearn(cfg, progress=progress)
+        except (ConfigError, NonFiniteLoss) as exc:  # one method's failure is a result, not the end
+            errors[name] = str(exc).splitlines()[0]
+            print(f"[compare] {name} failed: {exc}", file=sys.stderr)
+    return reports, errors
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -307,7 +343,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ConfigError([f"--max-pairs: expected a positive integer, got {args.max_pairs}"])
         given, is_demo = base_fields(args)
         overwrite = args.overwrite or is_demo or bool(given.get("overwrite"))
-        configs = method_configs(given, methods, is_demo, overwrite)
+        configs = method_configs(given, methods, is_demo, overwrite, args.resume)
         # Every method's config is checked before the first run, so a typo fails in seconds.
         problems = [f"{m}: {p}" for m, c in configs.items() for p in config_problems(c)]
         if problems:
@@ -316,21 +352,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exc:
         print(f"compare: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"compare: {exc}; run the same command with --resume to continue the comparison", file=sys.stderr)
+        return 128 + exc.signum
+    except KeyboardInterrupt:  # a second signal: stopped at once, without a checkpoint of the step
+        print("compare: stopped at once; run the same command with --resume to continue from the last checkpoints",
+              file=sys.stderr)
+        return 130
 
 
 def _compare(args, base: UnlearnConfig, is_demo: bool, configs: Dict[str, UnlearnConfig], out: Path,
              given: dict) -> int:
-    progress = not args.no_progress
     out.mkdir(parents=True, exist_ok=True)
-    reports: Dict[str, dict] = {}
-    errors: Dict[str, str] = {}
-    for name, cfg in configs.items():
-        print(f"[compare] {name}: {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed}", flush=True)
-        try:
-            reports[name] = unlearn(cfg, progress=progress)
-        except (ConfigError, NonFiniteLoss) as exc:  # one method's failure is a result, not the end
-            errors[name] = str(exc).splitlines()[0]
-            print(f"[compare] {name} failed: {exc}", file=sys.stderr)
+    reports, errors = run_methods(configs, resume=args.resume, progress=not args.no_progress)
 
     device = resolve_device(base.device)
     original = load_model(base.model, base.pretrained, device=device)

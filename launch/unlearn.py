@@ -1,8 +1,12 @@
 """Unlearn a forget set from an open_clip model.
 
     python launch/unlearn.py                      # the demo on the embedded default
+    python launch/unlearn.py --output-dir runs/x --steps 30   # the demo, with other settings
     python launch/unlearn.py --model ViT-B-32 --pretrained laion2b_s34b_b79k \\
         --forget-data forget/ --retain-data retain/ --eval-data eval/ --forget-classes dog
+
+Without any data flag (--model, --pretrained, --forget-data, --retain-data, --eval-data,
+--forget-classes) the run is the embedded demo, with whatever else was given.
 """
 from __future__ import annotations
 
@@ -11,12 +15,14 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from cliperase.engine import ConfigError, UnlearnConfig, unlearn
-from cliperase.engine.config import config_overrides, method_names
+import cliperase.engine as engine  # its names load on first use: a refused input imports no torch
+from cliperase.engine import preflight
+from cliperase.engine.config import UnlearnConfig, config_overrides, method_names
+from cliperase.engine.errors import ConfigError, Interrupted, NonFiniteLoss
 from cliperase.engine.models.hf import hf_model_name
-from cliperase.engine.stopping import Interrupted
-from cliperase.engine.tools.demo import demo_config
-from cliperase.engine.trainer import NonFiniteLoss
+
+# The flags that say what to unlearn; with none of them the run is the embedded demo.
+DATA_FLAGS = ("model", "pretrained", "forget_data", "retain_data", "eval_data", "forget_classes")
 
 _DEFAULTS = UnlearnConfig()
 
@@ -55,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> Optional[UnlearnConfig]:
-    """The run config from the flags; None when no run flag was given (the demo)."""
+def given_keys(args: argparse.Namespace) -> dict:
+    """The config keys the command line gives: --config, then --set, then the flags."""
     given = config_overrides(args.config, args.set)
     for name in ("model", "pretrained", "forget_data", "retain_data", "eval_data", "method", "steps",
                  "batch_size", "lr", "seed", "output_dir", "overwrite", "zero_stage", "precision",
@@ -66,12 +72,35 @@ def config_from_args(args: argparse.Namespace) -> Optional[UnlearnConfig]:
             given[name] = value
     if args.forget_classes is not None:
         given["forget_classes"] = [c.strip() for c in args.forget_classes.split(",") if c.strip()]
-    if not given:
-        return None
+    return given
+
+
+def config_from_args(args: argparse.Namespace) -> UnlearnConfig:
+    """The run config from the flags: the embedded demo (with the other keys given) when no data
+    flag is given, else a config of exactly what was given. Raises ConfigError."""
+    given = given_keys(args)
+    if not any(k in given for k in DATA_FLAGS):
+        from cliperase.engine.tools.demo import demo_config  # prepares the demo's data: only for a demo run
+
+        if "output_dir" in given:  # a folder of the user's own: no silent overwrite
+            given.setdefault("overwrite", False)
+        return demo_config(progress=not args.no_progress, **given)
     if isinstance(given.get("pretrained"), str) and "model" not in given:
         # A Hugging Face CLIP directory names its own architecture (None for anything else).
         given["model"] = hf_model_name(given["pretrained"]) or UnlearnConfig.model
     return UnlearnConfig.from_dict(given)
+
+
+def _demo_hint(args: argparse.Namespace, exc: ConfigError) -> str:
+    """When data flags are missing, a word that the demo exists."""
+    missing = [p for p in exc.problems if p.split(":")[0] in ("forget_data", "retain_data", "eval_data", "forget_classes")
+               and ("no shards given" in p or "no evaluation set given" in p or "name at least one class" in p)]
+    return ("\n(without any of --model, --pretrained, --forget-data, --retain-data, --eval-data, --forget-classes, "
+            "launch/unlearn.py runs the embedded demo)") if missing else ""
+
+
+def _cell(v) -> str:
+    return f"{v:>9.3f}" if isinstance(v, (int, float)) else f"{'n/a':>9}"
 
 
 def print_summary(report: dict) -> None:
@@ -87,7 +116,7 @@ def print_summary(report: dict) -> None:
     print(f"\n{report['method']} on {report['model']}: {report['steps']} steps in {report['wall_s']:.1f} s")
     print(f"{'metric':<26}{'before':>9}{'after':>9}")
     for name, x, y in rows:
-        print(f"{name:<26}{x:>9.3f}{y:>9.3f}")
+        print(f"{name:<26}{_cell(x)}{_cell(y)}")
     print(f"report: {Path(report['checkpoint']).parent / 'report.json'}")
 
 
@@ -95,11 +124,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
-        if cfg is None:
-            cfg = demo_config(progress=not args.no_progress)
-        report = unlearn(cfg, progress=not args.no_progress)
+        refused = preflight.problems(cfg)  # before the engine's heavy imports: refusals cost well under a second
+        if refused:
+            raise ConfigError(refused)
+        report = engine.unlearn(cfg, progress=not args.no_progress)
     except ConfigError as exc:
-        print(f"unlearn: error: {exc}", file=sys.stderr)
+        print(f"unlearn: error: {exc}{_demo_hint(args, exc)}", file=sys.stderr)
         return 2
     except Interrupted as exc:
         print(f"unlearn: {exc}", file=sys.stderr)

@@ -10,6 +10,8 @@ from typing import Dict, List, Set
 
 import pytest
 
+from helpers import tiny_data  # noqa: F401
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"cliperase.engine": ROOT / "engine", "cliperase.kernels": ROOT / "kernels"}
 MAX_FUNCTION_LINES = 80
@@ -54,7 +56,22 @@ def _imports(name: str, path: Path, modules: Dict[str, Path]) -> Set[str]:
             found.update(subs)
             if len(subs) < len(node.names):
                 found.add(target)
+    found |= _lazy_exports(name, tree, is_package)
+    # `x = lazy_import("cliperase.kernels")` (engine/lazy.py) imports at first use: an edge too.
+    found |= {n.args[0].value for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) ==
+              "lazy_import" and n.args and isinstance(n.args[0], ast.Constant)}
     return {m for m in found if m in modules and m != name}
+
+
+def _lazy_exports(name: str, tree: ast.Module, is_package: bool) -> Set[str]:
+    """A package's `_EXPORTS = {"public name": "submodule", ...}` (engine/lazy.py lazy_exports):
+    each name imports its submodule on first use, an import edge like any other."""
+    out: Set[str] = set()
+    for node in tree.body:
+        if is_package and isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == "_EXPORTS" for t in node.targets):
+            out |= {f"{name}.{v}" for v in ast.literal_eval(node.value).values()}
+    return out
 
 
 def _graph() -> Dict[str, Set[str]]:
@@ -106,7 +123,33 @@ def test_the_checker_finds_a_cycle():
 def test_no_import_cycles():
     graph = _graph()
     assert len(graph) > 30, "the module walk found too few modules"
+    assert "cliperase.kernels.clip_infonce" in graph["cliperase.kernels"], "lazy exports are import edges"
     assert _cycles(graph) == []
+
+
+def test_checking_a_config_imports_neither_torch_nor_open_clip(tiny_data, tmp_path):
+    """What the CLI needs to refuse bad input (config, preflight) loads no heavy library: a fresh
+    interpreter checks a config and reports which modules ran."""
+    import json
+    import subprocess
+    import sys
+
+    code = f"""
+import json, sys
+from cliperase.engine import preflight
+from cliperase.engine.config import UnlearnConfig
+cfg = UnlearnConfig.from_dict(dict(forget_data="{tiny_data / 'forget'}", retain_data="{tiny_data / 'retain'}",
+                                   eval_data="{tiny_data / 'eval'}", forget_classes=["circle"], steps=0,
+                                   output_dir="{tmp_path / 'out'}"))
+problems = preflight.problems(cfg)
+print(json.dumps({{"problems": problems, "loaded": [m for m in ("torch._C", "open_clip", "webdataset", "transformers",
+                                                              "deepspeed", "triton") if m in sys.modules]}}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["problems"] == ["steps: expected a positive integer, got 0"]
+    assert result["loaded"] == []
 
 
 def test_kernels_import_nothing_of_the_engine_and_nothing_imports_launch():

@@ -77,3 +77,40 @@ def test_breakdown_table_reports_each_subgroup_and_the_largest_sibling_drop():
 def test_task_is_for_the_embedded_default_only(tiny_data, tiny_checkpoint, tmp_path, capsys):
     assert compare.main(_args(tiny_data, tiny_checkpoint, tmp_path / "cmp", "--task", "red-circle")) == 2
     assert "--task: chooses a task of the embedded default" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_stopped_comparison_continues_with_resume(tiny_data, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """SIGTERM during the second method ends the comparison with one line; --resume reuses the
+    finished method's run and continues the stopped one from its checkpoint."""
+    import signal
+
+    from cliperase.engine.recipe import UnlearnRecipe
+
+    real_save = UnlearnRecipe.save_checkpoint
+
+    def save_then_signal(self, step):  # as if SIGTERM arrived while ga's step-2 checkpoint was written
+        path = real_save(self, step)
+        if self.cfg.method == "ga" and step == 2:
+            self.signals.received = signal.SIGTERM
+        return path
+
+    monkeypatch.setattr(UnlearnRecipe, "save_checkpoint", save_then_signal)
+    out = tmp_path / "cmp"
+    args = _args(tiny_data, tiny_checkpoint, out, "--methods", "ft,ga", "--steps", "4", "--set", "save_every=2",
+                 "--max-pairs", "16")
+    assert compare.main(args) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "run the same command with --resume" in err
+    assert len([line for line in err.splitlines() if line.startswith("compare:")]) == 1
+    ft_report = out / "ft" / "report.json"
+    first = ft_report.stat().st_mtime_ns
+    assert not (out / "ga" / "report.json").exists() and not (out / "compare.md").exists()
+
+    assert compare.main(args + ["--resume"]) == 0
+    said = capsys.readouterr().out
+    assert "[compare] ft: finished earlier, reused" in said
+    assert ft_report.stat().st_mtime_ns == first, "the finished method was not run again"
+    ga = json.loads((out / "ga" / "run.json").read_text())
+    assert ga["status"] == "finished" and ga["resumed_from"].endswith("step_00000002")
+    assert [r["method"] for r in json.loads((out / "compare.json").read_text())["rows"]] == ["original", "ft", "ga"]

@@ -1,4 +1,5 @@
 """Metrics on hand-built embeddings whose answers are known exactly."""
+import json
 import math
 from dataclasses import replace
 
@@ -101,3 +102,26 @@ def test_evaluate_splits_a_subgroup_and_breaks_down_by_attribute(tiny_data, tiny
     assert sub["zeroshot"]["retain_acc"] == pytest.approx(expect, abs=1e-6)
     with pytest.raises(ValueError, match="attributes"):
         evaluate(lm.model, lm.tokenizer, replace(ev, attributes=None), ["circle"], forget_where="colour=red")
+
+
+def test_a_metric_without_images_is_absent_with_the_reason_never_nan():
+    from cliperase.engine.eval import EvalEmbeddings, report_block, split_metrics
+
+    # Three images of class 0, all forgotten; captions only on the forgotten ones.
+    ev = EvalSet(["a", "b"], ["{c}"], torch.zeros(3, 3, 2, 2), torch.tensor([0, 0, 0]), [["x"], ["y"], ["z"]])
+    emb = EvalEmbeddings(torch.tensor([[1.0, 0.0]] * 3), torch.eye(2), torch.eye(3)[:, :2], torch.arange(3))
+    block = report_block(split_metrics(emb, ev, torch.tensor([True, True, True])))
+    assert block["zeroshot"]["retain_acc"] is None and block["zeroshot"]["forget_acc"] == 1.0
+    assert block["retrieval"]["retain"]["i2t_r1"] is None
+    assert block["absent"]["zeroshot.retain_acc"] == "no images in the retain part"
+    assert block["absent"]["retrieval.retain.t2i_r5"] == "no images with captions in the retain part"
+    json.dumps(block, allow_nan=False)
+
+
+def test_run_files_are_strict_json(tmp_path):
+    from cliperase.engine.checkpoint import write_json
+
+    write_json({"acc": 0.5, "none": None}, tmp_path / "ok.json")
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        write_json({"acc": float("nan")}, tmp_path / "nan.json")
+    assert not (tmp_path / "nan.json").exists()

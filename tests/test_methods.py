@@ -12,6 +12,13 @@ from cliperase.engine.methods import METHODS, Features, Side, get_method
 from cliperase.engine.methods.subgroup import SubgroupOptions
 
 
+def test_the_methods_forget_modes_are_the_kernels():
+    from cliperase.engine.methods.cliperase import FORGET_MODES
+    from cliperase.kernels import FORGET_MODES as KERNEL_MODES
+
+    assert FORGET_MODES == KERNEL_MODES
+
+
 def test_config_names_the_registered_methods_in_order():
     assert method_names() == ("cliperase", "ft", "ga", "graddiff", "neggrad+", "kl", "multidelete", "subgroup")
 

@@ -52,3 +52,28 @@ def test_known_tag_without_network_fails_fast(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match="could not load tag 'openai' of RN50.*pass the file path"):
         load_model("RN50", "openai")
     assert time.perf_counter() - t0 < 30
+
+
+def test_the_tag_table_read_from_open_clips_source_is_open_clips_own():
+    """preflight reads pretrained tags from open_clip's pretrained.py without running it (running
+    it imports torch); an open_clip upgrade that changes the file's layout must fail here."""
+    import open_clip
+
+    from cliperase.engine.models import specs
+
+    table = specs._pretrained_table()
+    assert table is not None, "open_clip's pretrained.py is laid out in a way the reader does not know"
+    assert sorted((m, t) for m, tags in table.items() for t in tags) == sorted(open_clip.list_pretrained())
+    assert specs.pretrained_tags("ViT-B-32") == open_clip.list_pretrained_tags_by_model("ViT-B-32")
+
+
+def test_checkpoint_shapes_are_read_without_torch_and_match_torch(tiny_checkpoint):
+    import torch
+
+    from cliperase.engine.models import specs
+
+    state = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    assert specs.checkpoint_shapes(str(tiny_checkpoint)) == {k: tuple(v.shape) for k, v in state.items()}
+    assert specs.architecture_problems("tiny-clip", str(tiny_checkpoint)) == []
+    wrong = specs.architecture_problems("ViT-B-32", str(tiny_checkpoint))
+    assert len(wrong) == 1 and "is not a checkpoint of ViT-B-32" in wrong[0] and "pass --model tiny-clip" in wrong[0]

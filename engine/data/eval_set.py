@@ -7,15 +7,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import TYPE_CHECKING, Callable, List, Optional
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 from ..errors import ConfigError
+from ..lazy import lazy_import
 from .tar import DECODE_ERRORS, IMAGE_EXTS, ShardReader, decode_image
 
 __all__ = ["EvalSet", "eval_set_problems", "eval_shards", "load_eval_set"]
+
+torch = lazy_import("torch")  # only load_eval_set needs it; the checks run before torch is imported
 
 DEFAULT_TEMPLATES = ["a photo of a {c}."]
 

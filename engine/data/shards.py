@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
-import webdataset as wds
+from braceexpand import braceexpand
 
 from ..errors import ConfigError
 
-__all__ = ["expand_shards", "shard_problems", "resolve_shards"]
+__all__ = ["DATA_SPLITS", "expand_shards", "shard_problems", "resolve_shards"]
+
+DATA_SPLITS = ("auto", "sample", "shard")  # how a training stream divides data between readers (streams.py)
 
 
 def expand_shards(spec: str) -> List[str]:
@@ -20,7 +22,7 @@ def expand_shards(spec: str) -> List[str]:
         if p.is_dir():
             out.extend(sorted(str(x) for x in p.glob("*.tar")))
         else:
-            out.extend(wds.shardlists.expand_urls(part))
+            out.extend(braceexpand(part))  # webdataset's own brace patterns (it depends on braceexpand)
     return out
 
 

@@ -12,11 +12,11 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .preprocess import FastPreprocess, FastTokenizer
+from .shards import DATA_SPLITS
 from .tar import SKIP_KINDS, ShardReader, decode_image, sample_image
 
 __all__ = ["DATA_SPLITS", "SHARDS_PER_READER", "PairStream", "Batches", "loader", "split_preprocess"]
 
-DATA_SPLITS = ("auto", "sample", "shard")  # how a stream divides data between readers (PairStream)
 # split="auto" reads by shard from this many shards a reader per epoch: below it, readers' epochs
 # (a few shards each) would differ by a large fraction, and a one-shard forget set must still split.
 SHARDS_PER_READER = 4

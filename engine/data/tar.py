@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, TypeVar
 from zlib import adler32
 
-import torch
 from PIL import Image
 
 __all__ = ["SKIP_KINDS", "ShardReader", "decode_image", "sample_image", "DECODE_ERRORS", "IMAGE_EXTS"]
@@ -277,7 +276,7 @@ def _tar_files(read: Callable[[int], bytes]) -> Iterator[Tuple[str, bytes]]:
         at = _skip_member(read, kind, block, _padded(size), at)
 
 
-class ShardReader(torch.utils.data.IterableDataset):
+class ShardReader:
     """Samples of image-caption shards, read one shard at a time, never all in memory; bad data
     is skipped and counted in `skipped` by kind (see SKIP_KINDS), never raised.
 
@@ -285,10 +284,10 @@ class ShardReader(torch.utils.data.IterableDataset):
     index in `shards`), `__ordinal__` (the sample's number in its shard, counting every sample
     the tar holds, skipped ones included) and one entry per file of the sample, extension -> bytes exactly as
     stored (`jpg`, `txt`, `json`, ...). With `check_images="decode"` the decoded RGB image is
-    added as `__image__` (a PIL image), so a consumer need not decode it twice. An
-    IterableDataset, so it can be the source of a `webdataset.DataPipeline`; it does not split
-    shards between DataLoader workers (every worker would read them all), and its counts live
-    in the process that iterates it.
+    added as `__image__` (a PIL image), so a consumer need not decode it twice. A plain
+    iterable (no torch: configs are checked with it before anything heavy is imported), also
+    callable as the source of a `webdataset.DataPipeline`; it does not split shards between
+    DataLoader workers (PairStream does), and its counts live in the process that iterates it.
 
     What is skipped:
       - a shard that cannot be opened (unreadable, not a tar) is retried `retries` times with
@@ -327,6 +326,10 @@ class ShardReader(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         for index, url in enumerate(self.shards):
             yield from self._shard(index, url)
+
+    def __call__(self) -> Iterator[dict]:
+        """The samples, as a webdataset.DataPipeline source (a callable returning an iterator)."""
+        return iter(self)
 
     def _open(self, url: str):
         """Open a shard for streaming, retrying; None (after counting it) when it cannot be."""

@@ -6,60 +6,15 @@ result for report.json and CLIP_benchmark records (report.py).
     metrics = split_metrics(emb, ev, forget_mask(ev, ["dog"]))     # {task: {"acc1", "forget_acc1", ...}}
     report_block(metrics)                                          # report.json's before/after shape
 """
-from __future__ import annotations
-
-from typing import Callable, Dict, Optional, Sequence
-
-from torch import nn
-
-from ..data import EvalSet, load_eval_set
-from .embed import EvalEmbeddings, embed_eval_set, zeroshot_classifier
-from .metrics import TASKS, split_metrics, zeroshot_breakdown
-from .report import benchmark_record, report_block, strict_json
-from .splits import Where, attribute_mask, forget_mask, parse_attributes
+from ..lazy import lazy_exports
 
 __all__ = ["Evaluator", "evaluate", "EvalEmbeddings", "embed_eval_set", "zeroshot_classifier", "TASKS",
            "split_metrics", "zeroshot_breakdown", "report_block", "strict_json", "benchmark_record", "forget_mask",
            "attribute_mask", "parse_attributes"]
 
-
-def evaluate(model: nn.Module, tokenizer: Callable, ev: EvalSet, forget_classes: Sequence[str], *,
-             attributes: Optional[Sequence[dict]] = None, forget_where: Where = None, breakdown: Optional[str] = None,
-             batch_size: int = 256) -> dict:
-    """report.json's metrics block of `model` on `ev` (see report_block).
-
-    `forget_where` narrows the forget part to the forget-class images whose attributes match (a
-    subgroup); `breakdown` adds `"zeroshot_by": {breakdown: zeroshot_breakdown(...)}` over the
-    forget classes. Both read `attributes` (default: the set's own, one dict per image).
-    Raises ValueError when they are needed and absent.
-    """
-    attributes = attributes if attributes is not None else ev.attributes
-    if breakdown and attributes is None:
-        raise ValueError("attributes: breakdown needs the images' attributes, and this evaluation set carries none")
-    emb = embed_eval_set(model, tokenizer, ev, batch_size=batch_size)
-    result = report_block(split_metrics(emb, ev, forget_mask(ev, forget_classes, forget_where, attributes)))
-    if breakdown and emb.classifier is not None:
-        result["zeroshot_by"] = {breakdown: zeroshot_breakdown(emb.image_emb, emb.classifier, ev.labels, attributes,
-                                                               breakdown, ev.classnames, forget_classes)}
-    return result
-
-
-class Evaluator:
-    """A run's before/after evaluation: each evaluation set read once (by root), every model scored
-    by `evaluate` with the run's forget classes and subgroup."""
-
-    def __init__(self, preprocess: Callable, tokenizer: Callable, forget_classes: Sequence[str], where: Where = None,
-                 *, default_root: Optional[str] = None, batch_size: int = 256):
-        self.preprocess, self.tokenizer = preprocess, tokenizer
-        self.forget_classes, self.where = list(forget_classes), where or None
-        self.default_root, self.batch_size = default_root, batch_size
-        self._sets: Dict[str, EvalSet] = {}
-
-    def eval_set(self, root: str) -> EvalSet:
-        if root not in self._sets:
-            self._sets[root] = load_eval_set(root, self.preprocess)
-        return self._sets[root]
-
-    def __call__(self, model: nn.Module, root: Optional[str] = None) -> dict:
-        return evaluate(model, self.tokenizer, self.eval_set(root or self.default_root), self.forget_classes,
-                        forget_where=self.where, batch_size=self.batch_size)
+_EXPORTS = {"Evaluator": "evaluator", "evaluate": "evaluator", "EvalEmbeddings": "embed", "embed_eval_set": "embed",
+            "zeroshot_classifier": "embed", "TASKS": "metrics", "split_metrics": "metrics",
+            "zeroshot_breakdown": "metrics", "report_block": "report", "strict_json": "report",
+            "benchmark_record": "report", "forget_mask": "splits", "attribute_mask": "splits",
+            "parse_attributes": "splits"}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

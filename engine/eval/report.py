@@ -17,17 +17,34 @@ def report_block(metrics: Dict[str, Dict[str, float]]) -> dict:
     "retain": R}}` with `R = {"i2t_r1", ..., "t2i_r10"}`, each part present when its task is.
 
     i2t is CLIP_benchmark's text retrieval (an image retrieves its captions), t2i its image
-    retrieval."""
+    retrieval. A metric with no images to measure (a part without images, or without captions)
+    is None, never NaN, and `"absent"` says which and why."""
     out: dict = {}
+    absent: Dict[str, str] = {}
     zs = metrics.get("zeroshot_classification")
     if zs is not None:
-        out["zeroshot"] = {"forget_acc": zs["forget_acc1"], "retain_acc": zs["retain_acc1"]}
+        out["zeroshot"] = {f"{part}_acc": _value(zs[f"{part}_acc1"], f"zeroshot.{part}_acc", absent,
+                                                 f"no images in the {part} part") for part in ("forget", "retain")}
     rt = metrics.get("zeroshot_retrieval")
     if rt is not None:
-        out["retrieval"] = {part: {**{f"i2t_r{k}": rt[f"{part}_text_retrieval_recall@{k}"] for k in RECALL_KS},
-                                   **{f"t2i_r{k}": rt[f"{part}_image_retrieval_recall@{k}"] for k in RECALL_KS}}
+        why = "no images with captions in the {} part"
+        out["retrieval"] = {part: {**{f"i2t_r{k}": _value(rt[f"{part}_text_retrieval_recall@{k}"],
+                                                          f"retrieval.{part}.i2t_r{k}", absent, why.format(part))
+                                      for k in RECALL_KS},
+                                   **{f"t2i_r{k}": _value(rt[f"{part}_image_retrieval_recall@{k}"],
+                                                          f"retrieval.{part}.t2i_r{k}", absent, why.format(part))
+                                      for k in RECALL_KS}}
                             for part in ("forget", "retain")}
+    if absent:
+        out["absent"] = absent
     return out
+
+
+def _value(v: float, name: str, absent: Dict[str, str], why: str) -> Optional[float]:
+    if isinstance(v, float) and math.isnan(v):
+        absent[name] = why
+        return None
+    return v
 
 
 def strict_json(metrics: Dict[str, float]) -> Dict[str, Optional[float]]:

@@ -5,17 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Dict, List
 
-from torch import Tensor
-
-from cliperase.kernels import FORGET_MODES, cliperase_loss, forget_similarity
 
 from .. import checks
-from .base import Features, Method, MethodOptions, Side, register
+from ..lazy import lazy_import
+from .base import Method, MethodOptions, register
 
 if TYPE_CHECKING:
-    from ..config import UnlearnConfig
+    from torch import Tensor
 
-__all__ = ["CLIPErase", "ForgetModuleOptions", "retain_terms", "weight_problems"]
+    from ..config import UnlearnConfig
+    from .features import Features, Side
+
+__all__ = ["CLIPErase", "ForgetModuleOptions", "FORGET_MODES", "retain_terms", "weight_problems"]
+
+# The losses (and torch with them) load at the first step: registering the method and checking its
+# options import neither.
+kernels = lazy_import("cliperase.kernels")
+# kernels.forget_similarity's modes, named here so that checking options loads no kernel (a test keeps
+# the two equal).
+FORGET_MODES = ("cosine", "dot", "hinge")
 
 
 def weight_problems(options) -> List[str]:
@@ -38,7 +46,7 @@ class ForgetModuleOptions(MethodOptions):
 
 def retain_terms(side: Side, f: Features, cfg: "UnlearnConfig"):
     """(retain InfoNCE, consistency KL) of the retain batch, from one pass over its similarities."""
-    return cliperase_loss(*side.pairs(), side.teacher_img, side.teacher_txt, f.logit_scale,
+    return kernels.cliperase_loss(*side.pairs(), side.teacher_img, side.teacher_txt, f.logit_scale,
                           teacher_logit_scale=f.teacher_logit_scale, impl=cfg.loss_impl, **side.columns(teacher=True))
 
 
@@ -58,6 +66,6 @@ class CLIPErase(Method):
         o = self.options
         infonce, kl = retain_terms(f.retain, f, self.cfg)
         # "dot" reads the raw features as given; the other modes normalise.
-        forget = forget_similarity(f.forget.img, f.forget.txt, mode=o.forget_mode, margin=o.forget_margin)
+        forget = kernels.forget_similarity(f.forget.img, f.forget.txt, mode=o.forget_mode, margin=o.forget_margin)
         loss = o.lambda_r * infonce + o.lambda_f * forget + o.lambda_c * kl
         return {"loss": loss, "retain_infonce": infonce, "forget_sim": forget, "consistency_kl": kl}

@@ -5,22 +5,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List
 
-from torch import Tensor
-
-from cliperase.kernels import clip_infonce
 
 from .. import checks
-from .base import Features, Method, MethodOptions, Side, register
+from ..lazy import lazy_import
+from .base import Method, MethodOptions, register
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from ..config import UnlearnConfig
+    from .features import Features, Side
 
 __all__ = ["FineTune", "GradientAscent", "GradDiff", "NegGradPlus", "infonce"]
+
+# The losses (and torch with them) load at the first step: registering the method and checking its
+# options import neither.
+kernels = lazy_import("cliperase.kernels")
 
 
 def infonce(side: Side, f: Features, cfg: "UnlearnConfig") -> Tensor:
     """The symmetric CLIP loss of one stream's batch (local rows against the global columns)."""
-    return clip_infonce(*side.pairs(), f.logit_scale, impl=cfg.loss_impl, **side.columns())
+    return kernels.clip_infonce(*side.pairs(), f.logit_scale, impl=cfg.loss_impl, **side.columns())
 
 
 @register

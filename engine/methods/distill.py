@@ -5,18 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List
 
-from torch import Tensor
 
-from cliperase.kernels import consistency_kl
-
-from .base import Features, Method, MethodOptions, register
+from ..lazy import lazy_import
+from .base import Method, MethodOptions, register
 from .cliperase import weight_problems
 from .contrastive import infonce
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from ..config import UnlearnConfig
+    from .features import Features, Side
 
 __all__ = ["KL", "MultiDelete"]
+
+# The losses (and torch with them) load at the first step: registering the method and checking its
+# options import neither.
+kernels = lazy_import("cliperase.kernels")
 
 
 @register
@@ -28,7 +33,7 @@ class KL(Method):
     def objective(self, f: Features) -> Dict[str, Tensor]:
         forget = infonce(f.forget, f, self.cfg)
         r = f.retain
-        kl = consistency_kl(*r.pairs(), r.teacher_img, r.teacher_txt, f.logit_scale,
+        kl = kernels.consistency_kl(*r.pairs(), r.teacher_img, r.teacher_txt, f.logit_scale,
                             teacher_logit_scale=f.teacher_logit_scale, impl=self.cfg.loss_impl,
                             **r.columns(teacher=True))
         return {"loss": -forget + kl, "forget_infonce": forget, "consistency_kl": kl}

@@ -18,23 +18,27 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-import torch
-from torch import Tensor, nn
-
-from cliperase.kernels import forget_similarity
 
 from .. import checks
-from ..data import eval_set_problems
-from ..eval.embed import zeroshot_classifier
-from ..models import check_model_spec, load_model
-from .base import Features, Method, RunContext, register
+from .. import eval as evaluation
+from .. import models
+from ..data.eval_set import eval_set_problems
+from ..lazy import lazy_import
+from .base import Method, RunContext, register
 from .cliperase import ForgetModuleOptions, retain_terms
 
 if TYPE_CHECKING:
+    from torch import Tensor, nn
+
     from ..config import UnlearnConfig
+    from .features import Features
 
 __all__ = ["Subgroup", "SubgroupOptions", "layer_groups", "fisher_scores", "top_layers", "trainable_only", "Ema",
            "soup", "search_soup", "eligible_layers"]
+
+# torch and the losses load at first use: registering the method and checking its options import neither.
+torch = lazy_import("torch")
+kernels = lazy_import("cliperase.kernels")
 
 STAGES = ("forget", "remind", "restore")
 TOWERS = ("image", "all")
@@ -138,15 +142,15 @@ class Ema:
         ema.decay, ema.state = decay, state
         return ema
 
-    @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for k, v in model.state_dict().items():
-            if k in self.state:
-                self.state[k].mul_(self.decay).add_(v.detach().float(), alpha=1.0 - self.decay)
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                if k in self.state:
+                    self.state[k].mul_(self.decay).add_(v.detach().float(), alpha=1.0 - self.decay)
 
-    @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
-        model.load_state_dict(self.state, strict=False)
+        with torch.no_grad():
+            model.load_state_dict(self.state, strict=False)
 
 
 def soup(original: Mapping[str, Tensor], unlearned: Mapping[str, Tensor], a: float) -> Dict[str, Tensor]:
@@ -263,7 +267,7 @@ class SubgroupOptions(ForgetModuleOptions):
         if self.calibration_data is not None:
             p.extend(eval_set_problems(self.calibration_data, "calibration_data"))
         if self.subgroup_original is not None:
-            p.extend(f"subgroup_original: {x}" for x in check_model_spec(cfg.model, self.subgroup_original))
+            p.extend(f"subgroup_original: {x}" for x in models.check_model_spec(cfg.model, self.subgroup_original))
         return p
 
 
@@ -331,11 +335,11 @@ class Subgroup(Method):
             target = prompts[(f.forget.teacher_img @ prompts.T).argmax(dim=1)]
         grad = torch.is_grad_enabled()
         with torch.set_grad_enabled(stage == "forget" and grad):
-            forget = forget_similarity(f.forget.img, target, mode=o.forget_mode, margin=o.forget_margin)
+            forget = kernels.forget_similarity(f.forget.img, target, mode=o.forget_mode, margin=o.forget_margin)
         with torch.set_grad_enabled(stage == "remind" and grad):
             infonce, kl = retain_terms(f.retain, f, self.cfg)
         with torch.set_grad_enabled(stage == "remind" and grad and o.subgroup_guard > 0):
-            guard = forget_similarity(f.forget.img, target, mode="hinge", margin=o.forget_margin)
+            guard = kernels.forget_similarity(f.forget.img, target, mode="hinge", margin=o.forget_margin)
         if stage == "forget":
             loss = forget
         elif stage == "remind":
@@ -355,14 +359,14 @@ class Subgroup(Method):
         cfg, o, st, student = ctx.cfg, self.options, ctx.state, ctx.student
         _, forget_steps, remind_steps = o.plan(cfg.steps)
         if o.subgroup_original:
-            ctx.teacher.load_state_dict(load_model(cfg.model, o.subgroup_original, device=ctx.device).model.state_dict())
+            ctx.teacher.load_state_dict(models.load_model(cfg.model, o.subgroup_original, device=ctx.device).model.state_dict())
         # A resumed state was loaded onto the CPU: its tensors go where the model is.
         if "prompts" in st:
             st["prompts"] = st["prompts"].to(ctx.device)
         if "ema" in st:
             st["ema"] = {k: v.to(ctx.device) for k, v in st["ema"].items()}
         if "prompts" not in st:
-            st["prompts"] = zeroshot_classifier(ctx.teacher, ctx.tokenizer, list(cfg.forget_classes),
+            st["prompts"] = evaluation.zeroshot_classifier(ctx.teacher, ctx.tokenizer, list(cfg.forget_classes),
                                                 _templates(cfg.eval_data)).to(ctx.device)
         if not (forget_steps or remind_steps):
             return  # restore only: nothing is trained
@@ -422,7 +426,7 @@ class Subgroup(Method):
         def score(state: Dict[str, Tensor]) -> Tuple[float, float]:
             model.load_state_dict(state)
             zs = ctx.evaluate(model, calibration)["zeroshot"]
-            if zs["forget_acc"] != zs["forget_acc"] or zs["retain_acc"] != zs["retain_acc"]:  # NaN: an empty part
+            if zs["forget_acc"] is None or zs["retain_acc"] is None:  # an empty part
                 raise _NoCalibration(f"{calibration} has no images of the forget or the retain part")
             return zs["forget_acc"], zs["retain_acc"]
 

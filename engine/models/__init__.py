@@ -1,5 +1,6 @@
 """Models through open_clip: architecture names, pretrained tags, local checkpoint files, Hugging Face
-CLIP directories (hf.py), and the training forward (towers.py).
+CLIP directories (hf.py), and the training forward (towers.py); specs.py checks a spec
+without importing torch or open_clip.
 
 The engine's own small configs are registered with open_clip's
 registry on first use, so `open_clip.create_model_and_transforms("tiny-clip", pretrained=PATH)`
@@ -9,9 +10,12 @@ works in any process that called `register_configs()`:
 - `tiny-vit`: the same with a ViT image tower (patch 4), for tests of ViT code paths.
 - `small-clip`: a ViT at 64 px, a step up for GPU smoke runs.
 """
-from .loading import check_model_spec, load_model
-from .registry import CONFIG_DIR, LoadedModel, available_models, checkpoint_file_problems, register_configs
-from .towers import Towers, train_mode
+from ..lazy import lazy_exports
 
-__all__ = ["LoadedModel", "CONFIG_DIR", "register_configs", "available_models", "check_model_spec",
+__all__ = ["LoadedModel", "CONFIG_DIR", "register_configs", "available_models", "model_names", "check_model_spec",
            "checkpoint_file_problems", "load_model", "Towers", "train_mode"]
+
+_EXPORTS = {"LoadedModel": "registry", "CONFIG_DIR": "registry", "register_configs": "registry",
+            "available_models": "registry", "model_names": "specs", "check_model_spec": "check",
+            "checkpoint_file_problems": "specs", "load_model": "loading", "Towers": "towers", "train_mode": "towers"}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -34,13 +34,17 @@ import json
 import re
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
-
-import torch
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from ..errors import ConfigError
-from .registry import LoadedModel, _brief, _quiet_random_init, available_models, checkpoint_file_problems
+from ..lazy import lazy_import
+from .registry import LoadedModel, _brief, _quiet_random_init
+from .specs import checkpoint_file_problems, model_config, model_names
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+torch = lazy_import("torch")  # reading a directory's config needs none; converting its weights does
 
 __all__ = ["hf_dir_problems", "hf_model_name", "hf_spec_problems", "load_hf_clip", "hf_to_open_clip",
            "open_clip_to_hf", "export_hf", "hf_text_encoder"]
@@ -209,17 +213,24 @@ def _signature(cfg: dict) -> Optional[tuple]:
             t.get("heads", 8), t.get("layers", 12), int(tw * t.get("mlp_ratio", 4.0)))
 
 
+def _known() -> List[str]:
+    return model_names() + list(_DERIVED)
+
+
+def _config(name: str) -> dict:
+    return json.loads(_DERIVED[name].read_text()) if name in _DERIVED else model_config(name) or {}
+
+
 def _register(cfg: dict) -> str:
     """The name of a registered open_clip config that builds exactly `cfg`'s network; registers
-    `cfg` itself as `hf-clip-<hash>` when none does."""
-    import open_clip
-
+    `cfg` itself as `hf-clip-<hash>` when none does (then importing open_clip)."""
     global _DERIVED_DIR
     want = _signature(cfg)
-    models = available_models()
+    models = _known()
     for name in [m for m in _PREFERRED if m in models] + models:
-        if _signature(open_clip.get_model_config(name) or {}) == want:
+        if _signature(_config(name)) == want:
             return name
+    import open_clip
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
     name = f"hf-clip-{digest}"
     if name not in _DERIVED:
@@ -252,8 +263,6 @@ def hf_model_name(path: Optional[str]) -> Optional[str]:
 def _resolve(name: Optional[str], path: str) -> Tuple[Optional[str], List[str]]:
     """(the open_clip name to build for `pretrained=path`, problems): `name` itself when it builds
     the directory's network, the inferred name when `name` is empty."""
-    import open_clip
-
     problems = hf_dir_problems(path)
     if problems:
         return None, problems
@@ -261,9 +270,9 @@ def _resolve(name: Optional[str], path: str) -> Tuple[Optional[str], List[str]]:
     inferred = _register(cfg)
     if not name or name == inferred:
         return inferred, []
-    if name in open_clip.list_models() and _signature(open_clip.get_model_config(name) or {}) == _signature(cfg):
+    if name in _known() and _signature(_config(name)) == _signature(cfg):
         return name, []
-    why = "an unknown architecture" if name not in open_clip.list_models() else "another network"
+    why = "an unknown architecture" if name not in _known() else "another network"
     return None, [f"model: {name!r} disagrees with the Hugging Face directory {path!r}, which holds {inferred} "
                   f"({_describe(cfg)}); {name!r} is {why}. Pass --model {inferred}"]
 
@@ -443,11 +452,11 @@ def load_hf_clip(name: Optional[str], path: str, *, device: str | torch.device =
 def _activation(model: nn.Module) -> str:
     from open_clip.transformer import QuickGELU
 
-    acts = {type(m) for m in model.modules() if isinstance(m, (nn.GELU, QuickGELU))}
-    approx = {m.approximate for m in model.modules() if isinstance(m, nn.GELU)}
+    acts = {type(m) for m in model.modules() if isinstance(m, (torch.nn.GELU, QuickGELU))}
+    approx = {m.approximate for m in model.modules() if isinstance(m, torch.nn.GELU)}
     if acts == {QuickGELU}:
         return "quick_gelu"
-    if acts == {nn.GELU} and approx == {"none"}:
+    if acts == {torch.nn.GELU} and approx == {"none"}:
         return "gelu"
     raise ConfigError([f"model: activations {sorted(a.__name__ for a in acts)} (GELU approximate={sorted(approx)}); "
                        "transformers' CLIP takes one of exact GELU or QuickGELU for both towers"])
@@ -468,7 +477,7 @@ def _export_problems(model: nn.Module) -> List[str]:
         p.append("model: the text tower is not causal with argmax (end-of-text) pooling, or the model has a logit bias")
     if vis.image_size[0] != vis.image_size[1] or vis.patch_size[0] != vis.patch_size[1]:
         p.append(f"model: non-square image {vis.image_size} or patch {vis.patch_size}")
-    eps = {m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)}
+    eps = {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)}
     if eps != {_LN_EPS}:
         p.append(f"model: layer-norm epsilons {sorted(eps)}, expected {_LN_EPS}")
     return p

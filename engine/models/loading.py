@@ -1,9 +1,8 @@
 """Models by open_clip architecture name with weights from a tag, a local checkpoint file, a Hugging
-Face CLIP directory (hf.py), or none: checked without building anything, then built."""
+Face CLIP directory (hf.py), or none: checked first (specs.py), then built."""
 from __future__ import annotations
 
 import contextlib
-import difflib
 import os
 import socket
 from pathlib import Path
@@ -12,43 +11,11 @@ from typing import List, Optional
 import torch
 
 from ..errors import ConfigError
-from .hf import hf_spec_problems, load_hf_clip
-from .registry import LoadedModel, _brief, _quiet_random_init, available_models, checkpoint_file_problems
+from .hf import load_hf_clip
+from .registry import LoadedModel, _brief, _quiet_random_init, register_configs
+from .check import check_model_spec
 
-__all__ = ["check_model_spec", "load_model"]
-
-_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz")
-
-
-def _looks_like_path(spec: str) -> bool:
-    return os.sep in spec or spec.startswith(".") or spec.endswith(_CHECKPOINT_SUFFIXES)
-
-
-def check_model_spec(name: str, pretrained: Optional[str]) -> List[str]:
-    """Problems with a model name / pretrained spec, found without building anything."""
-    import open_clip
-
-    if pretrained and Path(pretrained).is_dir():  # a Hugging Face CLIP directory
-        return hf_spec_problems(name, pretrained)
-    problems = []
-    models = available_models()
-    if name not in models:
-        close = difflib.get_close_matches(name, models, n=5)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        problems.append(f"model: unknown architecture {name!r}.{hint} Available: {', '.join(models)}")
-        return problems
-    if not pretrained:
-        return problems
-    if Path(pretrained).is_file():
-        return checkpoint_file_problems(pretrained)
-    if _looks_like_path(pretrained):
-        problems.append(f"pretrained: checkpoint file {pretrained!r} does not exist")
-        return problems
-    tags = open_clip.list_pretrained_tags_by_model(name)
-    if pretrained not in tags:
-        listed = ", ".join(tags) if tags else "none (use a local checkpoint path)"
-        problems.append(f"pretrained: {pretrained!r} is neither a file nor an open_clip tag of {name}; tags: {listed}")
-    return problems
+__all__ = ["load_model"]
 
 
 def _hub_reachable(timeout: float = 2.0) -> bool:
@@ -93,6 +60,7 @@ def load_model(name: str, pretrained: Optional[str] = None, *, device: str | tor
     problems = check_model_spec(name, pretrained)
     if problems:
         raise ConfigError(problems)
+    register_configs()  # the engine's own architectures, for open_clip to build
     if pretrained and Path(pretrained).is_dir():  # a Hugging Face CLIP directory
         return load_hf_clip(name, pretrained, device=device)
     is_tag = bool(pretrained) and not Path(pretrained).is_file()
