@@ -46,6 +46,11 @@ def _run(path, state, original_ckpt, model="tiny-vit"):
     return str(path)
 
 
+def _small_clip_checkpoint(path):
+    export_open_clip(load_model("small-clip").model, path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Pipelines (SD 1.x layout: the whole text tower; SD 2.x layout: one layer short) and runs:
@@ -62,7 +67,8 @@ def world(tmp_path_factory):
          "sd2": _pipeline(root / "sd2", export_hf(original, root / "hf-short", text_layers=1)),
          "same": _run(root / "same", original.state_dict(), root / "original.pt"),
          "unlearned": _run(root / "unlearned", unlearned, root / "original.pt"),
-         "wide": _run(root / "wide", {}, root / "original.pt", model="small-clip"),
+         # A run of another architecture, with an original checkpoint of its own that fits it.
+         "wide": _run(root / "wide", {}, _small_clip_checkpoint(root / "small-clip.pt"), model="small-clip"),
          "root": root}
     yield w
     shutil.rmtree(root, ignore_errors=True)
