@@ -36,7 +36,7 @@ from .methods import STREAMS, RunContext, build_features, get_method
 from .models import load_model, train_mode
 from .progress import progress_bar
 from .stopping import Interrupted, StopSignals
-from .teacher_cache import TeacherCache
+from .teacher_cache import TeacherCache, teacher_rows
 from .telemetry import DataWaitTimer, GpuSampler, tensorboard_writer
 from .trainer import LossLog, NonFiniteLoss, check_gradients, lr_factor, resolve_device
 
@@ -172,7 +172,8 @@ class UnlearnRecipe:
                 spec, what, _ = self._specs[name]
                 self.caches[name] = TeacherCache.build_or_load(
                     self.out / "teacher_cache", name, resolve_shards(spec, what), self.teacher, self.loaded.preprocess,
-                    self.loaded.tokenizer, device=self.device, batch_size=cfg.eval_batch_size, progress=self.progress)
+                    self.loaded.tokenizer, device=self.device, precision=cfg.teacher_cache_precision,
+                    batch_size=cfg.eval_batch_size, progress=self.progress)
             self.teacher = self.ctx.teacher = self.teacher.to("cpu") if self.method.needs_teacher_model else None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -212,7 +213,8 @@ class UnlearnRecipe:
         cfg = self.cfg
         stream = PairStream(resolve_shards(spec, what), self.loaded.preprocess, self.loaded.tokenizer, cfg.batch_size,
                             seed=seed + (_HOOK_SEED_OFFSET if hook else 0), what=what, rank=self.rank,
-                            world=self.world, start=start, resampled=cfg.resampled, split=cfg.data_split)
+                            world=self.world, start=start, resampled=cfg.resampled, split=cfg.data_split,
+                            teacher=None if hook or name not in self.caches else self.caches[name].rows)
         return loader(stream, 0 if hook else self.data_workers, pin_memory=self.device.type == "cuda",
                       device=self.device)
 
@@ -270,10 +272,10 @@ class UnlearnRecipe:
         return self.method.objective(f)
 
     def _teacher_rows(self, name: str, images: Tensor, texts: Tensor, rows: Dict[str, int]):
-        """Normalised teacher (image, text) rows of stream `name`'s part of the batch: looked up in
-        the cache by sample id, or computed by the live teacher."""
+        """Normalised teacher (image, text) rows of stream `name`'s part of the batch: the cache's,
+        which came with the batch from the data worker, or computed by the live teacher."""
         if name in self.caches:
-            return self.caches[name].lookup(self.streams[name].last_ids)
+            return teacher_rows(self.streams[name].last_teacher, self.device)
         names = list(rows)
         start = sum(rows[n] for n in names[:names.index(name)])
         part = slice(start, start + rows[name])
