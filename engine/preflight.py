@@ -54,6 +54,9 @@ def inspect(cfg: UnlearnConfig) -> Findings:
     values = _value_problems(cfg)
     found = Findings(checks.collect(list(mistyped.values()), values, _method_problems(cfg),
                                     _scale_problems(cfg, mistyped, values)))
+    if cfg.teacher == "live" and cfg.teacher_cache_precision != UnlearnConfig.teacher_cache_precision:
+        found.warnings.append(f"teacher_cache_precision: {cfg.teacher_cache_precision!r} changes nothing with "
+                              "teacher='live' (no cache is built)")
     return found.add(_input_findings(cfg, mistyped))
 
 

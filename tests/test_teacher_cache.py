@@ -214,3 +214,14 @@ def test_a_pass_killed_by_sigkill_resumes_from_the_shards_done(four_shards, tiny
     fresh = _build(tmp_path / "fresh", "retain", shards, loaded.model, loaded)
     ids = torch.tensor([[i, o] for i in range(len(shards)) for o in range(3)])
     assert torch.equal(cache.rows(ids), fresh.rows(ids))
+
+
+def test_precision_without_a_cache_is_warned_of_and_a_bad_one_refused(tiny_data, tiny_checkpoint, tmp_path):
+    from cliperase.engine import preflight
+
+    live = _cfg(tiny_data, tiny_checkpoint, tmp_path / "run", teacher="live", teacher_cache_precision="bf16")
+    assert any(w.startswith("teacher_cache_precision:") for w in preflight.inspect(live).warnings)
+    cached = _cfg(tiny_data, tiny_checkpoint, tmp_path / "run", teacher_cache_precision="bf16")
+    assert not any(w.startswith("teacher_cache_precision:") for w in preflight.inspect(cached).warnings)
+    bad = _cfg(tiny_data, tiny_checkpoint, tmp_path / "run", teacher_cache_precision="int8")
+    assert any(p.startswith("teacher_cache_precision:") and "fp16" in p for p in preflight.problems(bad))
