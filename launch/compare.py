@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Tuple
 
 from cliperase.engine import ConfigError, UnlearnConfig, unlearn
 from cliperase.engine.checkpoint import write_json
-from cliperase.engine.config import all_keys, config_overrides, keys_for, method_names, trajectory_fields
+from cliperase.engine.config import DATA_KEYS, all_keys, config_overrides, keys_for, method_names, trajectory_fields
 from cliperase.engine.data import load_eval_set
 from cliperase.engine.eval import (attribute_mask, embed_eval_set, forget_mask, parse_attributes, split_metrics,
                                    zeroshot_breakdown)
@@ -53,7 +53,6 @@ from cliperase.engine.tools.synthetic import generate, write_pairs
 from cliperase.engine.errors import Interrupted, NonFiniteLoss
 from cliperase.engine.trainer import resolve_device
 
-_DATA_FLAGS = ("model", "pretrained", "forget_data", "retain_data", "eval_data", "forget_classes")
 _HOLDOUT_SEED = 7919  # the embedded default's never-seen pairs: a seed neither train (0) nor eval (1) uses
 
 
@@ -102,7 +101,7 @@ def base_fields(args: argparse.Namespace) -> Tuple[dict, bool]:
     given.setdefault("output_dir", args.output_dir)
     if isinstance(given.get("pretrained"), str) and "model" not in given:
         given["model"] = hf_model_name(given["pretrained"]) or UnlearnConfig.model  # a HF CLIP directory names its own
-    if not any(k in given for k in _DATA_FLAGS):
+    if not any(k in given for k in DATA_KEYS):
         return demo_fields(progress=not args.no_progress, task=args.task or "circle", **given), True
     if args.task:
         raise ConfigError(["--task: chooses a task of the embedded default; give it without data flags"])

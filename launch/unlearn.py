@@ -16,13 +16,9 @@ from pathlib import Path
 from typing import List, Optional
 
 import cliperase.engine as engine  # its names load on first use: a refused input imports no torch
-from cliperase.engine import preflight
-from cliperase.engine.config import UnlearnConfig, config_overrides, method_names
+from cliperase.engine.config import DATA_KEYS, UnlearnConfig, config_overrides, method_names
 from cliperase.engine.errors import ConfigError, Interrupted, NonFiniteLoss
 from cliperase.engine.models.hf import hf_model_name
-
-# The flags that say what to unlearn; with none of them the run is the embedded demo.
-DATA_FLAGS = ("model", "pretrained", "forget_data", "retain_data", "eval_data", "forget_classes")
 
 _DEFAULTS = UnlearnConfig()
 
@@ -79,7 +75,7 @@ def config_from_args(args: argparse.Namespace) -> UnlearnConfig:
     """The run config from the flags: the embedded demo (with the other keys given) when no data
     flag is given, else a config of exactly what was given. Raises ConfigError."""
     given = given_keys(args)
-    if not any(k in given for k in DATA_FLAGS):
+    if not any(k in given for k in DATA_KEYS):
         from cliperase.engine.tools.demo import demo_config  # prepares the demo's data: only for a demo run
 
         if "output_dir" in given:  # a folder of the user's own: no silent overwrite
@@ -95,8 +91,8 @@ def _demo_hint(args: argparse.Namespace, exc: ConfigError) -> str:
     """When data flags are missing, a word that the demo exists."""
     missing = [p for p in exc.problems if p.split(":")[0] in ("forget_data", "retain_data", "eval_data", "forget_classes")
                and ("no shards given" in p or "no evaluation set given" in p or "name at least one class" in p)]
-    return ("\n(without any of --model, --pretrained, --forget-data, --retain-data, --eval-data, --forget-classes, "
-            "launch/unlearn.py runs the embedded demo)") if missing else ""
+    flags = ", ".join("--" + k.replace("_", "-") for k in DATA_KEYS)
+    return f"\n(without any of {flags}, launch/unlearn.py runs the embedded demo)" if missing else ""
 
 
 def _cell(v) -> str:
@@ -124,10 +120,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
-        refused = preflight.problems(cfg)  # before the engine's heavy imports: refusals cost well under a second
-        if refused:
-            raise ConfigError(refused)
-        report = engine.unlearn(cfg, progress=not args.no_progress)
+        report = engine.unlearn(cfg, progress=not args.no_progress)  # checks cfg before any heavy import
     except ConfigError as exc:
         print(f"unlearn: error: {exc}{_demo_hint(args, exc)}", file=sys.stderr)
         return 2

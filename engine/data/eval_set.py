@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, List, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, List, Optional
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -16,7 +16,7 @@ from ..errors import ConfigError
 from ..lazy import lazy_import
 from .tar import DECODE_ERRORS, IMAGE_EXTS, ShardReader, decode_image
 
-__all__ = ["EvalSet", "eval_set_problems", "eval_shards", "load_eval_set"]
+__all__ = ["EvalSet", "EvalRecord", "classnames", "eval_records", "eval_set_problems", "eval_shards", "load_eval_set"]
 
 torch = lazy_import("torch")  # only load_eval_set needs it; the checks run before torch is imported
 
@@ -51,6 +51,37 @@ def eval_shards(root: str) -> List[Path]:
     return sorted((Path(root) / "test").glob("*.tar"), key=lambda p: (len(p.stem), p.stem))
 
 
+@dataclass
+class EvalRecord:
+    """One image-carrying sample of an evaluation set, its image still encoded."""
+
+    sample: dict  # the tar members, the image under `ext`
+    ext: str
+    label: Optional[int]  # `cls`, None without one
+    captions: List[str]  # `txt`, one per non-blank line
+    attributes: dict  # the decoded `{key}.json`, {} without one
+
+
+def eval_records(root: str, retries: int = 2) -> Iterator[EvalRecord]:
+    """The set's samples in CLIP_benchmark's order, those without an image passed over as its
+    loader does; images are not decoded, so the input checks read them as cheaply as the loader."""
+    reader = ShardReader([str(s) for s in eval_shards(root)], check_images="none", check_samples=False,
+                         retries=retries)
+    for sample in reader:
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if ext is None:
+            continue
+        text = sample.get("txt", b"").decode("utf-8", "replace")
+        yield EvalRecord(sample, ext, int(sample["cls"]) if "cls" in sample else None,
+                         [c for c in text.splitlines() if c.strip()],
+                         json.loads(sample["json"]) if "json" in sample else {})
+
+
+def classnames(root: str) -> List[str]:
+    """The class names of `root/classnames.txt`, one per non-blank line; [] without the file."""
+    return _lines(Path(root) / "classnames.txt")
+
+
 def load_eval_set(root: str, preprocess: Callable) -> EvalSet:
     """Read an evaluation set (raises ConfigError naming what is wrong with it). Samples without
     an image are passed over, as CLIP_benchmark's loader does."""
@@ -59,27 +90,22 @@ def load_eval_set(root: str, preprocess: Callable) -> EvalSet:
         raise ConfigError(problems)
     r = Path(root)
     images, labels, captions, attributes = [], [], [], []
-    reader = ShardReader([str(s) for s in eval_shards(root)], check_images="none", check_samples=False)
-    for sample in reader:
-        ext = next((e for e in IMAGE_EXTS if e in sample), None)
-        if ext is None:
-            continue
+    for rec in eval_records(root):
         try:
-            images.append(preprocess(decode_image(sample[ext])))
+            images.append(preprocess(decode_image(rec.sample[rec.ext])))
         except DECODE_ERRORS as exc:
-            raise ConfigError([f"eval_data: image {sample['__key__']!r} of {sample['__url__']} does not decode "
-                               f"({type(exc).__name__}: {exc})"]) from exc
-        if "cls" in sample:
-            labels.append(int(sample["cls"]))
-        text = sample.get("txt", b"").decode("utf-8", "replace")
-        captions.append([c for c in text.splitlines() if c.strip()])
-        attributes.append(json.loads(sample["json"]) if "json" in sample else {})
+            raise ConfigError([f"eval_data: image {rec.sample['__key__']!r} of {rec.sample['__url__']} does not "
+                               f"decode ({type(exc).__name__}: {exc})"]) from exc
+        if rec.label is not None:
+            labels.append(rec.label)
+        captions.append(rec.captions)
+        attributes.append(rec.attributes)
     shards = eval_shards(root)
     if not images:
         raise ConfigError([f"eval_data: no images in {len(shards)} shards under {r / 'test'}"])
     if labels and len(labels) != len(images):
         raise ConfigError([f"eval_data: {len(images) - len(labels)} of {len(images)} samples have no 'cls' label"])
-    return EvalSet(_lines(r / "classnames.txt"), _lines(r / "zeroshot_classification_templates.txt") or DEFAULT_TEMPLATES,
+    return EvalSet(classnames(root), _lines(r / "zeroshot_classification_templates.txt") or DEFAULT_TEMPLATES,
                    torch.stack(images), torch.tensor(labels) if labels else None, captions, attributes)
 
 
