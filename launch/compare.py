@@ -178,11 +178,11 @@ def breakdown_scores(model, tokenizer, ev, attributes, by: str, cfg: UnlearnConf
     in_classes = forget_mask(ev, cfg.forget_classes)
     by_class = zeroshot_breakdown(emb.image_emb, emb.classifier, ev.labels, attributes, by, ev.classnames,
                                   list(cfg.forget_classes))
-    other = zeroshot_accuracy(emb.image_emb[~in_classes], emb.classifier, ev.labels[~in_classes])
+    other = zeroshot_accuracy(emb.image_emb[~in_classes], emb.classifier, ev.labels[~in_classes])[0]
     other_by = {}
     for value in sorted({str(a[by]) for a in attributes if by in a}):
         keep = ~in_classes & attribute_mask(attributes, {by: (value,)})
-        other_by[value] = {"acc": zeroshot_accuracy(emb.image_emb[keep], emb.classifier, ev.labels[keep]),
+        other_by[value] = {"acc": zeroshot_accuracy(emb.image_emb[keep], emb.classifier, ev.labels[keep])[0],
                            "n": int(keep.sum())}
     return {"by": by, "classes": by_class, "other_acc": other, "other_by": other_by}
 

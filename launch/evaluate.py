@@ -15,9 +15,11 @@ stem (its parent folder's name prepended when two stems clash) or, for --run, th
 name, and task = zeroshot_classification or zeroshot_retrieval (each where the dataset has
 labels, resp. captions). Each file holds CLIP_benchmark's result shape
 {"dataset", "model", "pretrained", "task", "language", "metrics"}; metrics use CLIP_benchmark's
-names (acc1, acc5, mean_per_class_recall; image_retrieval_recall@k = text->image,
-text_retrieval_recall@k = image->text, k = 1, 5, 10), each also prefixed forget_ and retain_
-for the images of the forget classes and the rest. Missing values (an empty part) are null.
+names and definitions (acc1, acc5, mean_per_class_recall; acc5 is null below 5 classes, where
+CLIP_benchmark writes NaN; image_retrieval_recall@k = text->image, text_retrieval_recall@k =
+image->text, k = 1, 5, 10, top-k by torch.topk with its tie order), each also prefixed forget_
+and retain_ for the images of the forget classes and the rest. Missing values (an empty part)
+are null.
 """
 from __future__ import annotations
 
