@@ -202,6 +202,27 @@ def test_evaluate_splits_a_subgroup_and_breaks_down_by_attribute(tiny_data, tiny
         evaluate(lm.model, lm.tokenizer, replace(ev, attributes=None), ["circle"], forget_where="colour=red")
 
 
+def test_the_engine_reads_both_kinds_of_folder(tiny_data, tiny_checkpoint, tmp_path):
+    import shutil
+
+    from cliperase.engine.data import load_eval_set
+    from cliperase.engine.eval import Evaluator
+    from cliperase.engine.models import load_model
+
+    lm = load_model("tiny-clip", str(tiny_checkpoint))
+    run = Evaluator(lm.preprocess, lm.tokenizer, ["circle"])
+    both = run(lm.model, str(tiny_data / "eval"))  # classification folder whose samples carry captions
+    retrieval = run(lm.model, str(tiny_data / "eval_retrieval"))  # typed retrieval: no classification
+    assert set(both) == {"zeroshot", "retrieval"} and set(retrieval) == {"retrieval"}
+    assert retrieval["retrieval"] == both["retrieval"]
+    # A retrieval folder without labels or class names splits by the captions' class words.
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_data / "eval_retrieval", bare)
+    (bare / "classnames.txt").unlink()
+    assert run(lm.model, str(bare))["retrieval"] == both["retrieval"]
+    assert load_eval_set(str(bare), lm.preprocess).dataset_type == "retrieval"
+
+
 def test_a_metric_without_images_is_absent_with_the_reason_never_nan():
     from cliperase.engine.eval import EvalEmbeddings, report_block, split_metrics
 

@@ -109,9 +109,13 @@ def retrieval_metrics(emb: EvalEmbeddings, ev: EvalSet, keep: Tensor, ks: Sequen
 
 
 MetricFn = Callable[[EvalEmbeddings, EvalSet, Tensor], Dict[str, float]]
-# CLIP_benchmark's task names; each applies to a set with labels and class names, resp. captions.
+# CLIP_benchmark's task names. Classification applies to a set with labels and class names that
+# is not typed retrieval (CLIP_benchmark would not classify it); retrieval to any set with captions
+# (CLIP_benchmark scores it on retrieval folders only; a classification folder's captions are
+# our addition, so that one eval_data serves both tasks).
 TASKS: Dict[str, Tuple[Callable[[EvalSet], bool], MetricFn]] = {
-    "zeroshot_classification": (lambda ev: ev.labels is not None and bool(ev.classnames), zeroshot_metrics),
+    "zeroshot_classification": (lambda ev: ev.dataset_type != "retrieval" and ev.labels is not None
+                                and bool(ev.classnames), zeroshot_metrics),
     "zeroshot_retrieval": (lambda ev: any(ev.captions), retrieval_metrics),
 }
 

@@ -11,7 +11,7 @@ from typing import Callable, Dict, Optional, Tuple
 from ..config import UnlearnConfig, keys_for
 from ..errors import ConfigError
 from .pretrain import PretrainConfig, pretrain
-from .synthetic import generate, split_pairs, write_default, write_eval, SHAPES
+from .synthetic import generate, split_pairs, write_default, write_eval, write_retrieval_copy, SHAPES
 
 __all__ = ["DEMO_FORGET_CLASS", "DemoTask", "DEMO_TASKS", "demo_cache", "prepare_demo", "demo_fields", "demo_config"]
 
@@ -63,7 +63,8 @@ def prepare_demo(cache: Optional[Path] = None, *, say: Callable[[str], None] = p
                  task: str = "circle") -> dict:
     """Generate the data and pretrain the teacher once; later calls reuse both.
 
-    Returns {"data": root, "pretrained": checkpoint path, "forget": shards, "retain": shards,
+    Returns {"data": root (eval/ a classification set with captions, eval_retrieval/ the same
+    samples as CLIP_benchmark's retrieval set), "pretrained": checkpoint path, "forget": shards, "retain": shards,
     "calibration": a held-out CLIP_benchmark-layout split for choices made on data (the subgroup
     method's soup weight), or None}. A `task` other than "circle" splits the same training pairs by
     its own rule (DEMO_TASKS) and has a calibration split; "circle" (the demo) keeps its data as it was.
@@ -75,6 +76,8 @@ def prepare_demo(cache: Optional[Path] = None, *, say: Callable[[str], None] = p
     if not (data / "manifest.json").is_file():
         say(f"generating the embedded dataset in {data}")
         write_default(data, forget=lambda s: s.shape == DEMO_FORGET_CLASS, progress=say)
+    if not (data / "eval_retrieval").is_dir():  # caches written before the retrieval folder existed
+        write_retrieval_copy(data / "eval", data / "eval_retrieval")
     ckpt = cache / "tiny-clip-pretrained.pt"
     if not ckpt.is_file():
         say(f"pretraining tiny-clip from scratch (once; cached at {ckpt})")
