@@ -40,9 +40,29 @@ def test_compare_two_methods_writes_table_and_plots(tiny_data, tiny_checkpoint, 
     # eval set's forget-class images (no --holdout-data given).
     assert by_method["ga"]["forget_acc"] == report["after"]["zeroshot"]["forget_acc"]
     assert by_method["original"]["mia"]["n_members"] == 24 and 0 <= by_method["ga"]["mia_auc"] <= 1
+    # No shadow pool (no --shadow-data, no --holdout-data to take one from): the calibrated
+    # attack is left out, and the table and compare.json say so.
+    assert "calibrated" not in by_method["ga"]["mia"] and summary["shadow_source"] is None
+    assert "calibrated MIA AUC" in table and "none available: left out" in table
+    assert 0 <= by_method["ga"]["mia"]["threshold"]["tpr_at_1pct_fpr"] <= 1
     assert set(summary["histogram"]["series"]) == {"original: forget pairs", "original: never-seen pairs",
                                                    "ft: forget pairs", "ga: forget pairs"}
     assert "| ga |" in capsys.readouterr().out
+
+
+def test_shadow_pool_is_never_a_non_member(tiny_data, tmp_path):
+    import argparse
+
+    import torch
+
+    pre = lambda im: torch.zeros(1)  # noqa: E731 (which pairs, not their pixels)
+    args = argparse.Namespace(shadow_data=None, holdout_data=str(tiny_data / "forget"))
+    all_images, all_captions = compare.load_pairs(str(tiny_data / "forget"), pre)
+    n = len(all_captions) // 2
+    images, captions, source = compare.shadow_pairs(args, False, pre, tmp_path, n)
+    # The non-members are the first n; the shadow pool the (up to n) after them.
+    assert captions == all_captions[n:2 * n] and f"after the first {n}" in source
+    assert compare.shadow_pairs(argparse.Namespace(shadow_data=None, holdout_data=None), False, pre, tmp_path, 5) is None
 
 
 def test_compare_rejects_unknown_method_before_running(tiny_data, tiny_checkpoint, tmp_path, capsys):
