@@ -22,11 +22,11 @@ table: zero-shot accuracy of the forget classes' eval images split by that json 
 circles, blue circles, ...), images outside the forget classes, and each method's largest drop on
 a sibling (a value the forget_attributes do not select) against the original.
 MIA: a similarity-threshold attack, forget pairs (members) vs never-seen pairs of the same
-distribution (--holdout-data shards; the embedded default generates them with another seed;
-otherwise the eval set's forget-class images and captions). AUC 0.5 = cannot tell them apart.
+distribution (--holdout-data shards; else the first half of the config's audit_data, the pairs
+report.json's audit uses; otherwise the eval set's forget-class images and captions). AUC 0.5 = cannot tell them apart.
 Calibrated MIA: each pair's cosine against the cosines of the never-seen pairs most like it in a
-shadow pool (--shadow-data; the embedded default generates it with a third seed; otherwise the
---holdout-data pairs after the first --max-pairs), an offline-LiRA test that removes per-pair
+shadow pool (the --holdout-data pairs after the first --max-pairs, or the second half of the
+config's audit_data, which the embedded default sets), an offline-LiRA test that removes per-pair
 difficulty (engine/eval/forget.py neighbourhood_calibrated). Both as AUC and as TPR at 1% FPR.
 """
 from __future__ import annotations
@@ -45,6 +45,7 @@ from cliperase.engine.config import all_keys, config_overrides, keys_for, method
 from cliperase.engine.data import load_eval_set
 from cliperase.engine.eval import (attribute_mask, embed_eval_set, forget_mask, parse_attributes, split_metrics,
                                    zeroshot_breakdown)
+from cliperase.engine.eval.evaluator import SHADOW_K, split_audit_pairs
 from cliperase.engine.eval.forget import (load_pairs, membership_audit, pair_embeddings, plot_similarity_histograms,
                                           similarity_histogram)
 from cliperase.engine.eval.metrics import zeroshot_accuracy
@@ -53,13 +54,10 @@ from cliperase.engine.models import load_model
 from cliperase.engine.models.hf import hf_model_name
 from cliperase.engine.preflight import problems as config_problems
 from cliperase.engine.tools.demo import DEMO_TASKS, demo_fields
-from cliperase.engine.tools.synthetic import generate, write_pairs
 from cliperase.engine.errors import Interrupted, NonFiniteLoss
 from cliperase.engine.trainer import resolve_device
 
 _DATA_FLAGS = ("model", "pretrained", "forget_data", "retain_data", "eval_data", "forget_classes")
-_HOLDOUT_SEED = 7919  # the embedded default's never-seen pairs: a seed neither train (0) nor eval (1) uses
-_SHADOW_SEED = 7927  # its shadow pool for the calibrated attack: never seen either, and not the non-members
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--config", help="JSON file of UnlearnConfig fields shared by every method")
     a("--set", action="append", default=[], metavar="FIELD=VALUE", help="any other UnlearnConfig field (JSON value)")
     a("--heldout-eval", action="append", default=[], help="held-out zero-shot set (CLIP_benchmark layout; repeatable)")
-    a("--holdout-data", help="never-seen pairs of the forget distribution (shards), the MIA's non-members")
-    a("--shadow-data", help="more never-seen pairs of the forget distribution (shards), the calibrated MIA's shadow pool")
+    a("--holdout-data", help="never-seen pairs of the forget distribution (shards): the first --max-pairs the MIA's "
+                             "non-members, the next ones the calibrated MIA's shadow pool (default: audit_data)")
     a("--max-pairs", type=int, default=1000, help="forget / never-seen pairs scored for the histograms and MIA (default 1000)")
     a("--output-dir", default="runs/compare", help="where the runs and the comparison go (default runs/compare)")
     a("--overwrite", action="store_true", help="allow --output-dir to hold earlier runs")
@@ -142,21 +140,16 @@ def _read_log(path: Path) -> List[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _generated(task: str, out: Path, n: int, seed: int, name: str, preprocess):
-    # Same generator, same forget rule, another seed, JPEG like the training shards: the only
-    # difference from the forget pairs is that no model was trained on these.
-    shards = out / (name if task == "circle" else f"{name}-{task}")
-    if not list(shards.glob("*.tar")):
-        write_pairs(generate(n, seed, **DEMO_TASKS[task].generate_kwargs(), prefix=f"{name}-"), shards)
-    return (*load_pairs(str(shards), preprocess, limit=n, what=name), f"generated (seed {seed})")
+def _audit_halves(cfg: UnlearnConfig, preprocess, n: int):
+    return split_audit_pairs(*load_pairs(cfg.audit_data, preprocess, limit=2 * n, what="audit_data"))
 
 
-def nonmember_pairs(cfg: UnlearnConfig, args, is_demo: bool, preprocess, out: Path, n: int):
+def nonmember_pairs(cfg: UnlearnConfig, args, preprocess, n: int):
     """(images, captions, source) of never-seen pairs like the forget pairs, or None."""
     if args.holdout_data:
         return (*load_pairs(args.holdout_data, preprocess, limit=n, what="holdout_data"), args.holdout_data)
-    if is_demo:
-        return _generated(args.task or "circle", out, n, _HOLDOUT_SEED, "holdout", preprocess)
+    if cfg.audit_data:
+        return (*_audit_halves(cfg, preprocess, n)[0], f"{cfg.audit_data} (first half)")
     ev = load_eval_set(cfg.eval_data, preprocess)
     keep = [i for i in forget_mask(ev, cfg.forget_classes).nonzero().flatten().tolist() if ev.captions[i]][:n]
     if not keep:
@@ -164,21 +157,18 @@ def nonmember_pairs(cfg: UnlearnConfig, args, is_demo: bool, preprocess, out: Pa
     return ev.images[keep], [ev.captions[i][0] for i in keep], f"{cfg.eval_data} (forget-class images)"
 
 
-def shadow_pairs(args, is_demo: bool, preprocess, out: Path, n: int):
+def shadow_pairs(cfg: UnlearnConfig, args, preprocess, n: int):
     """(images, captions, source) of the calibrated attack's shadow pool, or None (then that
     attack is left out): never-seen pairs, none of them a non-member the attacks are tested on."""
-    if args.shadow_data:
-        return (*load_pairs(args.shadow_data, preprocess, limit=n, what="shadow_data"), args.shadow_data)
-    if is_demo:
-        return _generated(args.task or "circle", out, n, _SHADOW_SEED, "shadow", preprocess)
     if args.holdout_data:
         images, captions = load_pairs(args.holdout_data, preprocess, limit=2 * n, what="holdout_data")
-        if len(images) - n > _SHADOW_K:  # enough for a neighbourhood of every pair
+        if len(images) - n > SHADOW_K:  # enough for a neighbourhood of every pair
             return images[n:], captions[n:], f"{args.holdout_data} (pairs after the first {n})"
+        return None
+    if cfg.audit_data:
+        shadow = _audit_halves(cfg, preprocess, n)[1]
+        return (*shadow, f"{cfg.audit_data} (second half)") if shadow else None
     return None
-
-
-_SHADOW_K = 16  # neighbours per pair in the calibrated attack
 
 
 def score_model(model, tokenizer, forget, nonmember, heldout, shadow=None) -> dict:
@@ -189,7 +179,7 @@ def score_model(model, tokenizer, forget, nonmember, heldout, shadow=None) -> di
     if nonmember is not None:
         nonmembers = embed(nonmember)
         out["nonmember_sims"] = (nonmembers[0] * nonmembers[1]).sum(dim=-1)
-        out["mia"] = membership_audit(members, nonmembers, embed(shadow) if shadow is not None else None, k=_SHADOW_K)
+        out["mia"] = membership_audit(members, nonmembers, embed(shadow) if shadow is not None else None, k=SHADOW_K)
     out["heldout"] = {}
     for name, ev in heldout.items():
         metrics = split_metrics(embed_eval_set(model, tokenizer, ev), ev, forget_mask(ev, []),
@@ -402,8 +392,8 @@ def _compare(args, base: UnlearnConfig, is_demo: bool, configs: Dict[str, Unlear
     device = resolve_device(base.device)
     original = load_model(base.model, base.pretrained, device=device)
     forget = load_pairs(base.forget_data, original.preprocess, limit=args.max_pairs, what="forget_data")
-    nonmember = nonmember_pairs(base, args, is_demo, original.preprocess, out, args.max_pairs)
-    shadow = shadow_pairs(args, is_demo, original.preprocess, out, args.max_pairs) if nonmember else None
+    nonmember = nonmember_pairs(base, args, original.preprocess, args.max_pairs)
+    shadow = shadow_pairs(base, args, original.preprocess, args.max_pairs) if nonmember else None
     heldout = {Path(h).resolve().name: load_eval_set(h, original.preprocess) for h in args.heldout_eval}
     by = args.breakdown
     if by is None and is_demo:
@@ -461,7 +451,7 @@ def _compare(args, base: UnlearnConfig, is_demo: bool, configs: Dict[str, Unlear
              f"pairs; MIA = similarity-threshold attack, forget pairs vs "
              f"{len(nonmember[1]) if nonmember else 0} never-seen pairs "
              f"({nonmember[2] if nonmember else 'none available'}); calibrated MIA = the same pairs, each cosine "
-             f"against those of its {_SHADOW_K} nearest of {len(shadow[1]) if shadow else 0} shadow pairs "
+             f"against those of its {SHADOW_K} nearest of {len(shadow[1]) if shadow else 0} shadow pairs "
              f"({shadow[2] if shadow else 'none available: left out'}); TPR@1%FPR = members caught at 1% false "
              f"positives (0.01 = chance); wall s = whole unlearn() call.")
     table = markdown_table(rows, heldout_names, title)

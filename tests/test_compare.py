@@ -56,13 +56,20 @@ def test_shadow_pool_is_never_a_non_member(tiny_data, tmp_path):
     import torch
 
     pre = lambda im: torch.zeros(1)  # noqa: E731 (which pairs, not their pixels)
-    args = argparse.Namespace(shadow_data=None, holdout_data=str(tiny_data / "forget"))
-    all_images, all_captions = compare.load_pairs(str(tiny_data / "forget"), pre)
+    from cliperase.engine import UnlearnConfig
+
+    held = str(tiny_data / "forget")  # any shards stand in for never-seen pairs here
+    all_images, all_captions = compare.load_pairs(held, pre)
     n = len(all_captions) // 2
-    images, captions, source = compare.shadow_pairs(args, False, pre, tmp_path, n)
-    # The non-members are the first n; the shadow pool the (up to n) after them.
+    none, cfg = argparse.Namespace(holdout_data=None), UnlearnConfig()
+    # --holdout-data: the non-members are its first n pairs, the shadow pool the (up to n) after them.
+    images, captions, source = compare.shadow_pairs(cfg, argparse.Namespace(holdout_data=held), pre, n)
     assert captions == all_captions[n:2 * n] and f"after the first {n}" in source
-    assert compare.shadow_pairs(argparse.Namespace(shadow_data=None, holdout_data=None), False, pre, tmp_path, 5) is None
+    # audit_data (what the embedded default sets): halves, as report.json's audit splits it.
+    cfg = UnlearnConfig(audit_data=held)
+    assert compare.nonmember_pairs(cfg, none, pre, 10 ** 6)[1] == all_captions[:(len(all_captions) + 1) // 2]
+    assert compare.shadow_pairs(cfg, none, pre, 10 ** 6)[1] == all_captions[(len(all_captions) + 1) // 2:]
+    assert compare.shadow_pairs(UnlearnConfig(), none, pre, 5) is None
 
 
 def test_compare_rejects_unknown_method_before_running(tiny_data, tiny_checkpoint, tmp_path, capsys):
