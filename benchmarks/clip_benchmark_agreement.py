@@ -84,23 +84,34 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clip-benchmark-python", required=True, help="an interpreter with clip_benchmark 1.6.2")
     p.add_argument("--out", default="benchmarks/results/cpu-clip-benchmark-agreement.json")
+    p.add_argument("--data", help="a folder holding eval/ and eval_retrieval/ (default: the demo's, prepared)")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="LABEL=PATH",
+                   help="a tiny-clip checkpoint to score besides the random-init one (repeatable; default: the "
+                        "demo's pretrained one)")
     args = p.parse_args()
     from cliperase.engine.tools.demo import prepare_demo
 
-    paths = prepare_demo(progress=False, say=lambda m: print(m, file=sys.stderr))
-    data = paths["data"]
+    if args.data:
+        data, given = Path(args.data), dict(c.split("=", 1) for c in args.checkpoint)
+    else:
+        paths = prepare_demo(progress=False, say=lambda m: print(m, file=sys.stderr))
+        data, given = paths["data"], {"demo-pretrained": paths["pretrained"], **dict(c.split("=", 1) for c in args.checkpoint)}
+    # CLIP_benchmark 1.6.2's accuracy() calls float() on a 1-element array, an error from numpy 2.4
+    # on: its interpreter needs numpy < 2.4 (recorded here).
     version = subprocess.run([args.clip_benchmark_python, "-c", "import importlib.metadata as m; "
-                              "print(m.version('clip-benchmark'))"], capture_output=True, text=True, check=True)
+                              "print(m.version('clip-benchmark'), m.version('numpy'))"], capture_output=True,
+                             text=True, check=True)
     result = {"command": " ".join(sys.argv), "load_avg": os.getloadavg(), "machine": {
         "platform": platform.platform(), "cpus": os.cpu_count(),
         "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1)},
         "versions": {"torch": torch.__version__, "open_clip": __import__("open_clip").__version__,
-                     "clip_benchmark": version.stdout.strip()},
+                     "numpy": __import__("numpy").__version__, "clip_benchmark": version.stdout.split()[0],
+                     "numpy_of_clip_benchmark": version.stdout.split()[1]},
         "eval_sets": {"classification": str(data / "eval"), "retrieval": str(data / "eval_retrieval")},
         "checkpoints": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        ckpts = {"random-init": random_checkpoint(tmp / "tiny-clip-random.pt"), "demo-pretrained": paths["pretrained"]}
+        ckpts = {"random-init": random_checkpoint(tmp / "tiny-clip-random.pt"), **{k: Path(v) for k, v in given.items()}}
         for label, ckpt in ckpts.items():
             ours, theirs = tmp / label / "ours", tmp / label / "theirs"
             theirs.mkdir(parents=True)
