@@ -48,6 +48,9 @@ class UnlearnConfig:
     retain_data: Optional[str] = None  # image-caption shards to keep
     eval_data: Optional[str] = None  # CLIP_benchmark-layout set for before/after evaluation
     forget_classes: Tuple[str, ...] = ()  # class names of eval_data that count as forgotten
+    # Never-seen image-caption shards like forget_data: report.json's membership audit (before/after)
+    # tests forget pairs against them (first half; the rest calibrates the stronger attack). None: no audit.
+    audit_data: Optional[str] = None
     # Only the forget_classes images whose {key}.json attributes match count as forgotten (a subgroup):
     # "colour=red", "colour=red|blue;background=white" (every key must match, any of its values); "" = all.
     forget_attributes: str = ""
@@ -175,7 +178,8 @@ def _key_problem(key: str, method, options_type) -> str:
 
 # Fields a resumed run may change: they do not alter the trajectory (where files go, how often
 # to log or checkpoint). Every other field must equal the checkpoint's.
-RESUMABLE_CHANGES = ("resume", "overwrite", "output_dir", "log_every", "save_every", "keep_checkpoints", "eval_batch_size")
+RESUMABLE_CHANGES = ("resume", "overwrite", "output_dir", "log_every", "save_every", "keep_checkpoints", "eval_batch_size",
+                     "audit_data")
 
 
 def trajectory_fields(cfg: UnlearnConfig) -> dict:

@@ -166,7 +166,8 @@ def output_findings(cfg: "UnlearnConfig", calibration: Optional[str] = None) -> 
     found = Findings()
     out = Path(cfg.output_dir).resolve()
     for what, spec in (("forget_data", cfg.forget_data), ("retain_data", cfg.retain_data),
-                       ("eval_data", cfg.eval_data), ("calibration_data", calibration)):
+                       ("eval_data", cfg.eval_data), ("audit_data", cfg.audit_data),
+                       ("calibration_data", calibration)):
         for folder in sorted(_data_folders(spec)):
             if out == folder or folder in out.parents:
                 found.problems.append(f"output_dir: {cfg.output_dir!r} is inside {what}'s folder {str(folder)!r}: the "

@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--retain-data", help="shards of image-caption pairs to keep")
     a("--eval-data", help="evaluation set in CLIP_benchmark's webdataset layout")
     a("--forget-classes", help="comma-separated class names of the eval set to forget")
+    a("--audit-data", help="never-seen pairs like the forget pairs (shards): report.json's membership audit "
+                           "(the embedded default generates them)")
     a("--method", help=f"unlearning method: {', '.join(method_names())} (default {_DEFAULTS.method})")
     a("--steps", type=int, help=f"optimizer steps (default {_DEFAULTS.steps})")
     a("--batch-size", type=int, help=f"pairs per batch, forget and retain each (default {_DEFAULTS.batch_size})")
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 def given_keys(args: argparse.Namespace) -> dict:
     """The config keys the command line gives: --config, then --set, then the flags."""
     given = config_overrides(args.config, args.set)
-    for name in ("model", "pretrained", "forget_data", "retain_data", "eval_data", "method", "steps",
+    for name in ("model", "pretrained", "forget_data", "retain_data", "eval_data", "audit_data", "method", "steps",
                  "batch_size", "lr", "seed", "output_dir", "overwrite", "zero_stage", "precision",
                  "grad_checkpointing", "accum_steps", "deepspeed_config", "save_every", "resume"):
         value = getattr(args, name)
@@ -109,6 +111,11 @@ def print_summary(report: dict) -> None:
         if "retrieval" in b:
             rows.append((f"retrieval {part} i2t R@1", b["retrieval"][part]["i2t_r1"], a["retrieval"][part]["i2t_r1"]))
             rows.append((f"retrieval {part} t2i R@1", b["retrieval"][part]["t2i_r1"], a["retrieval"][part]["t2i_r1"]))
+    for attack in ("threshold", "calibrated"):  # the membership audit (audit_data set)
+        if attack in b.get("audit", {}) and attack in a.get("audit", {}):
+            rows.append((f"MIA {attack} AUC", b["audit"][attack]["auc"], a["audit"][attack]["auc"]))
+            rows.append((f"MIA {attack} TPR@1%FPR", b["audit"][attack]["tpr_at_1pct_fpr"],
+                         a["audit"][attack]["tpr_at_1pct_fpr"]))
     print(f"\n{report['method']} on {report['model']}: {report['steps']} steps in {report['wall_s']:.1f} s")
     print(f"{'metric':<26}{'before':>9}{'after':>9}")
     for name, x, y in rows:

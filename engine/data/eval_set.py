@@ -1,7 +1,14 @@
-"""Evaluation sets in CLIP_benchmark's webdataset layout: a root with `classnames.txt`,
-`zeroshot_classification_templates.txt` and `test/{0..K-1}.tar` holding an image, `cls` and, for
-retrieval, `txt` captions (one per line); `{key}.json` attributes when present. Read once, through
-the engine's one tar reader."""
+"""Evaluation sets in CLIP_benchmark's webdataset layout: a root with `test/{0..K-1}.tar` (and
+`test/nshards.txt`, which CLIP_benchmark requires) holding an image, `cls` and/or `txt` captions
+(one per line), `{key}.json` attributes when present; `classnames.txt` and
+`zeroshot_classification_templates.txt` for classification; `dataset_type.txt` saying
+"retrieval" for a retrieval set (absent: classification, as CLIP_benchmark assumes).
+
+CLIP_benchmark reads a folder for one task only: a classification folder's `txt` captions are
+ignored there, a retrieval folder's labels and class names too. cliperase scores every task the
+samples allow, except classification on a folder typed retrieval (see engine/eval/metrics.py
+TASKS); the labels of a retrieval folder still decide its forget part. Read once, through the
+engine's one tar reader."""
 from __future__ import annotations
 
 import json
@@ -16,11 +23,13 @@ from ..errors import ConfigError
 from ..lazy import lazy_import
 from .tar import DECODE_ERRORS, IMAGE_EXTS, ShardReader, decode_image
 
-__all__ = ["EvalSet", "EvalRecord", "classnames", "eval_records", "eval_set_problems", "eval_shards", "load_eval_set"]
+__all__ = ["EvalSet", "EvalRecord", "DATASET_TYPES", "classnames", "dataset_type", "eval_records", "eval_set_problems",
+           "eval_shards", "load_eval_set"]
 
 torch = lazy_import("torch")  # only load_eval_set needs it; the checks run before torch is imported
 
 DEFAULT_TEMPLATES = ["a photo of a {c}."]
+DATASET_TYPES = ("classification", "retrieval")  # of CLIP_benchmark's wds types, the ones cliperase reads
 
 
 @dataclass
@@ -33,6 +42,14 @@ class EvalSet:
     labels: Optional[Tensor]  # (M,) int64, or None for a retrieval-only set
     captions: List[List[str]]  # per image; empty lists for a classification-only set
     attributes: Optional[List[dict]] = None  # per image, its decoded {key}.json ({} without one)
+    dataset_type: str = "classification"  # the folder's dataset_type.txt (one of DATASET_TYPES)
+
+
+def dataset_type(root: str) -> str:
+    """The folder's `dataset_type.txt`, stripped and lower-cased as CLIP_benchmark reads it;
+    "classification" without one. Not checked against DATASET_TYPES (eval_set_problems does)."""
+    path = Path(root) / "dataset_type.txt"
+    return path.read_text().strip().lower() if path.is_file() else "classification"
 
 
 def eval_set_problems(root: Optional[str], what: str = "eval_data") -> List[str]:
@@ -43,6 +60,9 @@ def eval_set_problems(root: Optional[str], what: str = "eval_data") -> List[str]
         return [f"{what}: {root!r} is not a directory (expected CLIP_benchmark's webdataset layout)"]
     if not list((r / "test").glob("*.tar")):
         return [f"{what}: no shards in {r / 'test'} (expected test/0.tar, ...)"]
+    kind = dataset_type(root)
+    if kind not in DATASET_TYPES:
+        return [f"{what}: {r / 'dataset_type.txt'} says {kind!r}; cliperase reads {' or '.join(DATASET_TYPES)} sets"]
     return []
 
 
@@ -105,8 +125,11 @@ def load_eval_set(root: str, preprocess: Callable) -> EvalSet:
         raise ConfigError([f"eval_data: no images in {len(shards)} shards under {r / 'test'}"])
     if labels and len(labels) != len(images):
         raise ConfigError([f"eval_data: {len(images) - len(labels)} of {len(images)} samples have no 'cls' label"])
+    kind = dataset_type(root)
+    if kind == "retrieval" and not any(captions):
+        raise ConfigError([f"eval_data: {r} is a retrieval set (dataset_type.txt) but its samples carry no 'txt' captions"])
     return EvalSet(classnames(root), _lines(r / "zeroshot_classification_templates.txt") or DEFAULT_TEMPLATES,
-                   torch.stack(images), torch.tensor(labels) if labels else None, captions, attributes)
+                   torch.stack(images), torch.tensor(labels) if labels else None, captions, attributes, kind)
 
 
 def _lines(path: Path) -> List[str]:

@@ -58,6 +58,8 @@ def _nan(v) -> bool:  # an empty split's metric
 
 def benchmark_record(*, dataset: str, model: str, pretrained: Optional[str], task: str, metrics: Dict[str, float],
                      forget_classes) -> dict:
-    """One CLIP_benchmark result file's content, our forget/retain split beside its metrics."""
+    """One CLIP_benchmark result file's content, our forget/retain split beside its metrics.
+    `dataset` and `pretrained` as CLIP_benchmark writes them (its --dataset, e.g. "wds/eval", and
+    its --pretrained as given), so that its `build` lines up the two tools' rows."""
     return {"dataset": dataset, "model": model, "pretrained": pretrained, "task": task, "language": "en",
             "forget_classes": list(forget_classes), "metrics": strict_json(metrics)}
