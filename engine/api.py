@@ -5,8 +5,12 @@ import logging
 from typing import Optional
 
 from .config import UnlearnConfig
+from .lazy import lazy_import
 from .preflight import check
-from .recipe import UnlearnRecipe
+
+# The recipe (torch, open_clip, DeepSpeed) loads only once the config passed its checks: a refused
+# config costs what validation imports, well under a second.
+recipe = lazy_import("cliperase.engine.recipe")
 
 __all__ = ["unlearn"]
 
@@ -39,4 +43,4 @@ def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1)
     """
     for warning in check(cfg):
         log.warning(warning)
-    return UnlearnRecipe(cfg, progress=progress, data_workers=data_workers).run()
+    return recipe.UnlearnRecipe(cfg, progress=progress, data_workers=data_workers).run()

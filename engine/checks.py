@@ -2,11 +2,12 @@
 what was expected and what came) or None. Pure functions of the value; no engine imports."""
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any, Iterable, List, Optional, Sequence
 
 __all__ = ["finite", "positive_int", "nonneg_int", "positive_number", "nonneg_number", "in_range", "one_of",
-           "boolean", "collect"]
+           "boolean", "collect", "closest", "did_you_mean"]
 
 
 def finite(v: Any) -> bool:
@@ -56,3 +57,14 @@ def collect(*found: Optional[str] | Iterable[str]) -> List[str]:
             continue
         out.extend([item] if isinstance(item, str) else item)
     return out
+
+
+def closest(word: str, choices: Sequence[str]) -> Optional[str]:
+    """The choice `word` most likely meant (difflib's nearest), or None when none is near."""
+    return next(iter(difflib.get_close_matches(word, choices, n=1)), None)
+
+
+def did_you_mean(word: str, choices: Sequence[str]) -> str:
+    """"; did you mean 'x'?" to append to a message, or "" when no choice is near."""
+    near = closest(word, choices)
+    return f"; did you mean {near!r}?" if near else ""

@@ -11,16 +11,16 @@ is still one flat JSON object.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import methods
+from .checks import did_you_mean
 from .errors import ConfigError
 
-__all__ = ["UnlearnConfig", "method_names", "RUN_MARKERS", "config_overrides", "trajectory_fields", "keys_for",
+__all__ = ["UnlearnConfig", "method_names", "RUN_MARKERS", "DATA_KEYS", "config_overrides", "trajectory_fields", "keys_for",
            "all_keys"]
 
 LOSS_IMPLS = ("ref", "chunked", "triton")
@@ -31,6 +31,8 @@ TEACHER_CACHE_PRECISIONS = ("fp16", "bf16", "fp32")  # engine/teacher_cache.py's
 EXPORT_PRECISIONS = ("fp32", "bf16")
 # Files whose presence marks a directory as holding a run (started or finished).
 RUN_MARKERS = ("run.json", "report.json")
+# The keys that say what to unlearn: a command line that gives none of them runs the embedded demo.
+DATA_KEYS = ("model", "pretrained", "forget_data", "retain_data", "eval_data", "forget_classes")
 
 
 def method_names() -> Tuple[str, ...]:
@@ -47,6 +49,9 @@ class UnlearnConfig:
     retain_data: Optional[str] = None  # image-caption shards to keep
     eval_data: Optional[str] = None  # CLIP_benchmark-layout set for before/after evaluation
     forget_classes: Tuple[str, ...] = ()  # class names of eval_data that count as forgotten
+    # Never-seen image-caption shards like forget_data: report.json's membership audit (before/after)
+    # tests forget pairs against them (first half; the rest calibrates the stronger attack). None: no audit.
+    audit_data: Optional[str] = None
     # Only the forget_classes images whose {key}.json attributes match count as forgotten (a subgroup):
     # "colour=red", "colour=red|blue;background=white" (every key must match, any of its values); "" = all.
     forget_attributes: str = ""
@@ -171,13 +176,13 @@ def _key_problem(key: str, method, options_type) -> str:
     if owners and options_type is not None:
         return (f"{key}: an option of method {', '.join(owners)}, not of {method!r} (it would change nothing); "
                 f"{method!r} takes {sorted(_field_names(options_type)) or 'no options'}")
-    close = difflib.get_close_matches(key, all_keys(), n=1)
-    return f"{key}: unknown config field" + (f"; did you mean {close[0]!r}?" if close else "")
+    return f"{key}: unknown config field" + did_you_mean(key, all_keys())
 
 
 # Fields a resumed run may change: they do not alter the trajectory (where files go, how often
 # to log or checkpoint). Every other field must equal the checkpoint's.
-RESUMABLE_CHANGES = ("resume", "overwrite", "output_dir", "log_every", "save_every", "keep_checkpoints", "eval_batch_size")
+RESUMABLE_CHANGES = ("resume", "overwrite", "output_dir", "log_every", "save_every", "keep_checkpoints", "eval_batch_size",
+                     "audit_data")
 
 
 def trajectory_fields(cfg: UnlearnConfig) -> dict:
@@ -205,8 +210,7 @@ def config_overrides(config_file: Optional[str], set_items: Sequence[str]) -> di
     for item in set_items:
         key, sep, value = item.partition("=")
         if not sep or key not in known:
-            close = difflib.get_close_matches(key, known, n=1) if sep else []
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(key, known) if sep else ""
             raise ConfigError([f"--set {item!r}: expected FIELD=VALUE with FIELD one of the config keys{hint} "
                                f"Keys: {', '.join(known)}"])
         try:

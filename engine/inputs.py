@@ -11,15 +11,14 @@ Problems refuse the run; warnings are legal but suspicious setups the run goes o
 """
 from __future__ import annotations
 
-import difflib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, List, Optional, Set, Tuple
 
-from .data.eval_set import eval_shards
+from .checks import closest
+from .data.eval_set import classnames, eval_records
 from .data.shards import expand_shards, resolve_shards
-from .data.tar import IMAGE_EXTS, ShardReader
+from .data.tar import ShardReader
 from .dist.ds_config import world_size_from_env
 from .eval.splits import forgotten, parse_attributes
 
@@ -113,27 +112,15 @@ def _overlap(cfg: "UnlearnConfig", forget: _Stream, retain: _Stream) -> Findings
 def class_problems(eval_data: str, forget_classes) -> List[str]:
     """Forget classes that are not classes of the set, each with the closest name when there is one."""
     names_file = Path(eval_data) / "classnames.txt"
-    names = [x.strip() for x in names_file.read_text().splitlines() if x.strip()]
+    names = classnames(eval_data)
     missing = [c for c in forget_classes if c not in names]
     if not missing:
         return []
     lowered = {n.lower(): n for n in names}
-    hints = [lowered.get(c.lower()) or next(iter(difflib.get_close_matches(c, names, n=1)), None) for c in missing]
+    hints = [lowered.get(c.lower()) or closest(c, names) for c in missing]
     meant = [f"{h!r}" + (f" for {c!r}" if len(missing) > 1 else "") for c, h in zip(missing, hints) if h]
     return [f"forget_classes: {missing} not in {names_file}" + (f"; did you mean {', '.join(meant)}?" if meant else "")
             + f" (classes: {', '.join(names)})"]
-
-
-def _eval_samples(root: str):
-    """(label, captions, attributes) of each image of an evaluation set, images not decoded."""
-    reader = ShardReader([str(s) for s in eval_shards(root)], check_images="none", check_samples=False, retries=0)
-    for sample in reader:
-        if not any(e in sample for e in IMAGE_EXTS):
-            continue
-        label = int(sample["cls"]) if "cls" in sample else None
-        text = sample.get("txt", b"").decode("utf-8", "replace")
-        attributes = json.loads(sample["json"]) if "json" in sample else {}
-        yield label, [c for c in text.splitlines() if c.strip()], attributes
 
 
 def eval_findings(cfg: "UnlearnConfig") -> Findings:
@@ -144,13 +131,12 @@ def eval_findings(cfg: "UnlearnConfig") -> Findings:
         where = parse_attributes(cfg.forget_attributes)
     except ValueError:
         return Findings()  # named by the value checks
-    names_file = Path(cfg.eval_data) / "classnames.txt"
-    classnames = [x.strip() for x in names_file.read_text().splitlines() if x.strip()] if names_file.is_file() else []
-    rule = forgotten(cfg.forget_classes, where, classnames=classnames)
+    names = classnames(cfg.eval_data)
+    rule = forgotten(cfg.forget_classes, where, classnames=names)
     counts, seen = {True: 0, False: 0}, 0
-    for label, captions, attributes in _eval_samples(cfg.eval_data):
+    for rec in eval_records(cfg.eval_data, retries=0):
         seen += 1
-        counts[rule(label if classnames else None, captions, attributes)] += 1
+        counts[rule(rec.label if names else None, rec.captions, rec.attributes)] += 1
         if counts[True] and counts[False]:
             return Findings()
     chosen = f"forget_classes {list(cfg.forget_classes)}" + (f" with forget_attributes {cfg.forget_attributes!r}"
@@ -180,7 +166,8 @@ def output_findings(cfg: "UnlearnConfig", calibration: Optional[str] = None) -> 
     found = Findings()
     out = Path(cfg.output_dir).resolve()
     for what, spec in (("forget_data", cfg.forget_data), ("retain_data", cfg.retain_data),
-                       ("eval_data", cfg.eval_data), ("calibration_data", calibration)):
+                       ("eval_data", cfg.eval_data), ("audit_data", cfg.audit_data),
+                       ("calibration_data", calibration)):
         for folder in sorted(_data_folders(spec)):
             if out == folder or folder in out.parents:
                 found.problems.append(f"output_dir: {cfg.output_dir!r} is inside {what}'s folder {str(folder)!r}: the "

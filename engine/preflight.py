@@ -67,7 +67,7 @@ def _type_problems(cfg: UnlearnConfig) -> Dict[str, str]:
         v = getattr(cfg, name)
         if not isinstance(v, str) or not v:
             out[name] = f"{name}: expected a non-empty string, got {v!r}"
-    for name in ("pretrained", "forget_data", "retain_data", "eval_data", "deepspeed_config"):
+    for name in ("pretrained", "forget_data", "retain_data", "eval_data", "audit_data", "deepspeed_config"):
         v = getattr(cfg, name)
         if v is not None and not isinstance(v, str):
             out[name] = f"{name}: expected a string (a path), got {v!r}"
@@ -164,6 +164,8 @@ def _input_findings(cfg: UnlearnConfig, mistyped: Dict[str, str]) -> Findings:
             found.problems.extend(shards)
             streams += [] if shards else [what]
     found.add(stream_findings(cfg, streams))
+    if cfg.audit_data is not None and "audit_data" not in mistyped:
+        found.problems.extend(shard_problems(cfg.audit_data, "audit_data"))
     found.add(_eval_findings(cfg, mistyped))
     if "output_dir" not in mistyped:
         found.problems.extend(output_dir_problems(cfg.output_dir, cfg.overwrite or cfg.resume is not None))

@@ -31,7 +31,7 @@ from .config import UnlearnConfig, trajectory_fields
 from .data import SKIP_KINDS, PairStream, loader, resolve_shards
 from .dist.zero import build_training, full_state_dict, init_process_group, uses_deepspeed
 from .errors import ConfigError
-from .eval import Evaluator
+from .eval import Evaluator, MembershipAudit
 from .methods import STREAMS, RunContext, build_features, get_method
 from .models import load_model, train_mode
 from .progress import progress_bar
@@ -126,8 +126,10 @@ class UnlearnRecipe:
         self.student = self.loaded.model
         self.evaluate = Evaluator(self.loaded.preprocess, self.loaded.tokenizer, cfg.forget_classes,
                                   cfg.forget_attributes, default_root=cfg.eval_data, batch_size=cfg.eval_batch_size)
+        self.audit = (MembershipAudit(self.loaded.preprocess, self.loaded.tokenizer, cfg.forget_data, cfg.audit_data,
+                                      batch_size=cfg.eval_batch_size) if self.main and cfg.audit_data else None)
         if self.main:
-            self.before = self.run_state["before"] if self.resume_from else self.evaluate(self.student)
+            self.before = self.run_state["before"] if self.resume_from else self._scored(self.student)
 
     def _setup_output(self) -> None:
         """Files appear only once the model and data have loaded: a refused input leaves no run behind."""
@@ -378,7 +380,7 @@ class UnlearnRecipe:
         student.eval()
         self.ctx.student = student
         self.method.finish(self.ctx, student)
-        after = self.evaluate(student)
+        after = self._scored(student)
         cfg = self.cfg
         export_open_clip(student, self.out / "model.pt",
                          dtype=torch.bfloat16 if cfg.export_precision == "bf16" else torch.float32,
@@ -405,6 +407,13 @@ class UnlearnRecipe:
         student = load_model(self.cfg.model, None, device=self.device).model
         student.load_state_dict(state)
         return student
+
+    def _scored(self, model) -> dict:
+        """The before/after block: the evaluation, and the membership audit when audit_data is set."""
+        out = self.evaluate(model)
+        if self.audit is not None:
+            out["audit"] = self.audit(model)
+        return out
 
     def _report(self, after: dict, skipped: dict) -> dict:
         cfg, rows = self.cfg, self.losses.rows

@@ -22,8 +22,12 @@ table: zero-shot accuracy of the forget classes' eval images split by that json 
 circles, blue circles, ...), images outside the forget classes, and each method's largest drop on
 a sibling (a value the forget_attributes do not select) against the original.
 MIA: a similarity-threshold attack, forget pairs (members) vs never-seen pairs of the same
-distribution (--holdout-data shards; the embedded default generates them with another seed;
-otherwise the eval set's forget-class images and captions). AUC 0.5 = cannot tell them apart.
+distribution (--holdout-data shards; else the first half of the config's audit_data, the pairs
+report.json's audit uses; otherwise the eval set's forget-class images and captions). AUC 0.5 = cannot tell them apart.
+Calibrated MIA: each pair's cosine against the cosines of the never-seen pairs most like it in a
+shadow pool (the --holdout-data pairs after the first --max-pairs, or the second half of the
+config's audit_data, which the embedded default sets), an offline-LiRA test that removes per-pair
+difficulty (engine/eval/forget.py neighbourhood_calibrated). Both as AUC and as TPR at 1% FPR.
 """
 from __future__ import annotations
 
@@ -37,24 +41,22 @@ from typing import Dict, List, Optional, Tuple
 
 from cliperase.engine import ConfigError, UnlearnConfig, unlearn
 from cliperase.engine.checkpoint import write_json
-from cliperase.engine.config import all_keys, config_overrides, keys_for, method_names, trajectory_fields
+from cliperase.engine.config import DATA_KEYS, all_keys, config_overrides, keys_for, method_names, trajectory_fields
 from cliperase.engine.data import load_eval_set
 from cliperase.engine.eval import (attribute_mask, embed_eval_set, forget_mask, parse_attributes, split_metrics,
                                    zeroshot_breakdown)
-from cliperase.engine.eval.forget import (load_pairs, membership_inference_auc, pair_similarities,
-                                          plot_similarity_histograms, similarity_histogram)
+from cliperase.engine.eval.evaluator import SHADOW_K, split_audit_pairs
+from cliperase.engine.eval.forget import (load_pairs, membership_audit, pair_embeddings, plot_similarity_histograms,
+                                          similarity_histogram)
 from cliperase.engine.eval.metrics import zeroshot_accuracy
 from cliperase.engine.methods import METHODS
 from cliperase.engine.models import load_model
 from cliperase.engine.models.hf import hf_model_name
 from cliperase.engine.preflight import problems as config_problems
 from cliperase.engine.tools.demo import DEMO_TASKS, demo_fields
-from cliperase.engine.tools.synthetic import generate, write_pairs
 from cliperase.engine.errors import Interrupted, NonFiniteLoss
 from cliperase.engine.trainer import resolve_device
 
-_DATA_FLAGS = ("model", "pretrained", "forget_data", "retain_data", "eval_data", "forget_classes")
-_HOLDOUT_SEED = 7919  # the embedded default's never-seen pairs: a seed neither train (0) nor eval (1) uses
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--config", help="JSON file of UnlearnConfig fields shared by every method")
     a("--set", action="append", default=[], metavar="FIELD=VALUE", help="any other UnlearnConfig field (JSON value)")
     a("--heldout-eval", action="append", default=[], help="held-out zero-shot set (CLIP_benchmark layout; repeatable)")
-    a("--holdout-data", help="never-seen pairs of the forget distribution (shards), the MIA's non-members")
+    a("--holdout-data", help="never-seen pairs of the forget distribution (shards): the first --max-pairs the MIA's "
+                             "non-members, the next ones the calibrated MIA's shadow pool (default: audit_data)")
     a("--max-pairs", type=int, default=1000, help="forget / never-seen pairs scored for the histograms and MIA (default 1000)")
     a("--output-dir", default="runs/compare", help="where the runs and the comparison go (default runs/compare)")
     a("--overwrite", action="store_true", help="allow --output-dir to hold earlier runs")
@@ -102,7 +105,7 @@ def base_fields(args: argparse.Namespace) -> Tuple[dict, bool]:
     given.setdefault("output_dir", args.output_dir)
     if isinstance(given.get("pretrained"), str) and "model" not in given:
         given["model"] = hf_model_name(given["pretrained"]) or UnlearnConfig.model  # a HF CLIP directory names its own
-    if not any(k in given for k in _DATA_FLAGS):
+    if not any(k in given for k in DATA_KEYS):
         return demo_fields(progress=not args.no_progress, task=args.task or "circle", **given), True
     if args.task:
         raise ConfigError(["--task: chooses a task of the embedded default; give it without data flags"])
@@ -136,18 +139,16 @@ def _read_log(path: Path) -> List[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def nonmember_pairs(cfg: UnlearnConfig, args, is_demo: bool, preprocess, out: Path, n: int):
+def _audit_halves(cfg: UnlearnConfig, preprocess, n: int):
+    return split_audit_pairs(*load_pairs(cfg.audit_data, preprocess, limit=2 * n, what="audit_data"))
+
+
+def nonmember_pairs(cfg: UnlearnConfig, args, preprocess, n: int):
     """(images, captions, source) of never-seen pairs like the forget pairs, or None."""
     if args.holdout_data:
         return (*load_pairs(args.holdout_data, preprocess, limit=n, what="holdout_data"), args.holdout_data)
-    if is_demo:
-        task = args.task or "circle"
-        shards = out / ("holdout" if task == "circle" else f"holdout-{task}")
-        if not list(shards.glob("*.tar")):
-            # Same generator, same forget rule, another seed, JPEG like the training shards:
-            # the only difference from the forget pairs is that no model was trained on these.
-            write_pairs(generate(n, _HOLDOUT_SEED, **DEMO_TASKS[task].generate_kwargs(), prefix="holdout-"), shards)
-        return (*load_pairs(str(shards), preprocess, limit=n, what="holdout"), f"generated (seed {_HOLDOUT_SEED})")
+    if cfg.audit_data:
+        return (*_audit_halves(cfg, preprocess, n)[0], f"{cfg.audit_data} (first half)")
     ev = load_eval_set(cfg.eval_data, preprocess)
     keep = [i for i in forget_mask(ev, cfg.forget_classes).nonzero().flatten().tolist() if ev.captions[i]][:n]
     if not keep:
@@ -155,12 +156,29 @@ def nonmember_pairs(cfg: UnlearnConfig, args, is_demo: bool, preprocess, out: Pa
     return ev.images[keep], [ev.captions[i][0] for i in keep], f"{cfg.eval_data} (forget-class images)"
 
 
-def score_model(model, tokenizer, forget, nonmember, heldout) -> dict:
-    """Forget-pair cosines, MIA and held-out zero-shot acc of one model."""
-    out: dict = {"forget_sims": pair_similarities(model, tokenizer, *forget)}
+def shadow_pairs(cfg: UnlearnConfig, args, preprocess, n: int):
+    """(images, captions, source) of the calibrated attack's shadow pool, or None (then that
+    attack is left out): never-seen pairs, none of them a non-member the attacks are tested on."""
+    if args.holdout_data:
+        images, captions = load_pairs(args.holdout_data, preprocess, limit=2 * n, what="holdout_data")
+        if len(images) - n > SHADOW_K:  # enough for a neighbourhood of every pair
+            return images[n:], captions[n:], f"{args.holdout_data} (pairs after the first {n})"
+        return None
+    if cfg.audit_data:
+        shadow = _audit_halves(cfg, preprocess, n)[1]
+        return (*shadow, f"{cfg.audit_data} (second half)") if shadow else None
+    return None
+
+
+def score_model(model, tokenizer, forget, nonmember, heldout, shadow=None) -> dict:
+    """Forget-pair cosines, both MIAs (membership_audit) and held-out zero-shot acc of one model."""
+    embed = lambda pairs: pair_embeddings(model, tokenizer, pairs[0], pairs[1])  # noqa: E731
+    members = embed(forget)
+    out: dict = {"forget_sims": (members[0] * members[1]).sum(dim=-1)}
     if nonmember is not None:
-        out["nonmember_sims"] = pair_similarities(model, tokenizer, nonmember[0], nonmember[1])
-        out["mia"] = membership_inference_auc(out["forget_sims"], out["nonmember_sims"])
+        nonmembers = embed(nonmember)
+        out["nonmember_sims"] = (nonmembers[0] * nonmembers[1]).sum(dim=-1)
+        out["mia"] = membership_audit(members, nonmembers, embed(shadow) if shadow is not None else None, k=SHADOW_K)
     out["heldout"] = {}
     for name, ev in heldout.items():
         metrics = split_metrics(embed_eval_set(model, tokenizer, ev), ev, forget_mask(ev, []),
@@ -178,11 +196,11 @@ def breakdown_scores(model, tokenizer, ev, attributes, by: str, cfg: UnlearnConf
     in_classes = forget_mask(ev, cfg.forget_classes)
     by_class = zeroshot_breakdown(emb.image_emb, emb.classifier, ev.labels, attributes, by, ev.classnames,
                                   list(cfg.forget_classes))
-    other = zeroshot_accuracy(emb.image_emb[~in_classes], emb.classifier, ev.labels[~in_classes])
+    other = zeroshot_accuracy(emb.image_emb[~in_classes], emb.classifier, ev.labels[~in_classes])[0]
     other_by = {}
     for value in sorted({str(a[by]) for a in attributes if by in a}):
         keep = ~in_classes & attribute_mask(attributes, {by: (value,)})
-        other_by[value] = {"acc": zeroshot_accuracy(emb.image_emb[keep], emb.classifier, ev.labels[keep]),
+        other_by[value] = {"acc": zeroshot_accuracy(emb.image_emb[keep], emb.classifier, ev.labels[keep])[0],
                            "n": int(keep.sum())}
     return {"by": by, "classes": by_class, "other_acc": other, "other_by": other_by}
 
@@ -220,7 +238,8 @@ def _f(v, digits: int = 3) -> str:
 def markdown_table(rows: List[dict], heldout_names: List[str], title: str) -> str:
     cols = ["method", "forget acc ↓", "retain acc ↑"] + [f"held-out {h} acc ↑" for h in heldout_names] + [
         "forget i2t R@1 ↓", "retain i2t R@1 ↑", "forget t2i R@1 ↓", "retain t2i R@1 ↑",
-        "forget-pair cos", "MIA AUC (0.5 = unseen)", "wall s"]
+        "forget-pair cos", "MIA AUC (0.5 = unseen)", "MIA TPR@1%FPR", "calibrated MIA AUC", "calibrated TPR@1%FPR",
+        "wall s"]
     lines = [title, "", "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
         if r.get("error"):
@@ -228,7 +247,10 @@ def markdown_table(rows: List[dict], heldout_names: List[str], title: str) -> st
             continue
         cells = [r["method"], _f(r["forget_acc"]), _f(r["retain_acc"])] + [_f(r["heldout"].get(h)) for h in heldout_names]
         cells += [_f(r["retrieval"].get(k)) for k in ("forget_i2t_r1", "retain_i2t_r1", "forget_t2i_r1", "retain_t2i_r1")]
-        cells += [_f(r["forget_cos"]), _f(r.get("mia_auc")), _f(r.get("wall_s"), 1)]
+        mia = r.get("mia") or {}
+        cells += [_f(r["forget_cos"]), _f(r.get("mia_auc")), _f(mia.get("threshold", {}).get("tpr_at_1pct_fpr")),
+                  _f(mia.get("calibrated", {}).get("auc")), _f(mia.get("calibrated", {}).get("tpr_at_1pct_fpr")),
+                  _f(r.get("wall_s"), 1)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -369,7 +391,8 @@ def _compare(args, base: UnlearnConfig, is_demo: bool, configs: Dict[str, Unlear
     device = resolve_device(base.device)
     original = load_model(base.model, base.pretrained, device=device)
     forget = load_pairs(base.forget_data, original.preprocess, limit=args.max_pairs, what="forget_data")
-    nonmember = nonmember_pairs(base, args, is_demo, original.preprocess, out, args.max_pairs)
+    nonmember = nonmember_pairs(base, args, original.preprocess, args.max_pairs)
+    shadow = shadow_pairs(base, args, original.preprocess, args.max_pairs) if nonmember else None
     heldout = {Path(h).resolve().name: load_eval_set(h, original.preprocess) for h in args.heldout_eval}
     by = args.breakdown
     if by is None and is_demo:
@@ -388,9 +411,9 @@ def _compare(args, base: UnlearnConfig, is_demo: bool, configs: Dict[str, Unlear
         zs = report_part.get("zeroshot", {})
         return {"method": method, "forget_acc": zs.get("forget_acc"), "retain_acc": zs.get("retain_acc"),
                 "retrieval": retrieval, "heldout": scores["heldout"], "forget_cos": scores["forget_sims"].mean().item(),
-                "mia_auc": scores["mia"]["auc"] if "mia" in scores else None, "mia": scores.get("mia"), "wall_s": wall_s}
+                "mia_auc": scores["mia"]["threshold"]["auc"] if "mia" in scores else None, "mia": scores.get("mia"), "wall_s": wall_s}
 
-    scores = {"original": score_model(original.model, original.tokenizer, forget, nonmember, heldout)}
+    scores = {"original": score_model(original.model, original.tokenizer, forget, nonmember, heldout, shadow)}
     rows = []
     if reports:
         rows.append(add_breakdown(row("original", next(iter(reports.values()))["before"], scores["original"], None),
@@ -400,7 +423,7 @@ def _compare(args, base: UnlearnConfig, is_demo: bool, configs: Dict[str, Unlear
             rows.append({"method": name, "error": errors[name]})
             continue
         model = load_model(base.model, reports[name]["checkpoint"], device=device)
-        scores[name] = score_model(model.model, model.tokenizer, forget, nonmember, heldout)
+        scores[name] = score_model(model.model, model.tokenizer, forget, nonmember, heldout, shadow)
         rows.append(add_breakdown(row(name, reports[name]["after"], scores[name], reports[name]["wall_s"]),
                                   model.model, model.tokenizer))
         if reports[name].get("method_details"):
@@ -426,14 +449,18 @@ def _compare(args, base: UnlearnConfig, is_demo: bool, configs: Dict[str, Unlear
              f"Zero-shot and retrieval on {base.eval_data}; forget-pair cosine = mean over {len(forget[1])} forget "
              f"pairs; MIA = similarity-threshold attack, forget pairs vs "
              f"{len(nonmember[1]) if nonmember else 0} never-seen pairs "
-             f"({nonmember[2] if nonmember else 'none available'}); wall s = whole unlearn() call.")
+             f"({nonmember[2] if nonmember else 'none available'}); calibrated MIA = the same pairs, each cosine "
+             f"against those of its {SHADOW_K} nearest of {len(shadow[1]) if shadow else 0} shadow pairs "
+             f"({shadow[2] if shadow else 'none available: left out'}); TPR@1%FPR = members caught at 1% false "
+             f"positives (0.01 = chance); wall s = whole unlearn() call.")
     table = markdown_table(rows, heldout_names, title)
     if by:
         table += "\n" + breakdown_table(rows, by, parse_attributes(base.forget_attributes))
     (out / "compare.md").write_text(table)
     write_json({"config": {**{k: v for k, v in base.to_dict().items() if k in UnlearnConfig.__dataclass_fields__},
                            **given, "forget_classes": list(base.forget_classes)}, "methods": list(configs), "rows": rows, "histogram": hist,
-                "nonmember_source": nonmember[2] if nonmember else None}, out / "compare.json")
+                "nonmember_source": nonmember[2] if nonmember else None, "shadow_source": shadow[2] if shadow else None},
+               out / "compare.json")
     print(table)
     print(f"[compare] wrote {out / 'compare.md'}, compare.json, losses.png, forget_vs_retain.png, accuracy_curves.png, similarity.png")
     return 1 if errors and not reports else 0

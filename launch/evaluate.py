@@ -5,19 +5,26 @@
     python launch/evaluate.py --run runs/demo --output results/   # model, checkpoint, eval set and
                                                                  # forget classes from the run
 
-Datasets are in CLIP_benchmark's webdataset layout. One JSON file per dataset x task x
-checkpoint is written to --output as
+Datasets are in CLIP_benchmark's webdataset layout, of either kind: a classification folder
+(classnames.txt, cls labels; no dataset_type.txt) or a retrieval folder (dataset_type.txt =
+retrieval, txt captions). A classification folder whose samples also carry captions is scored
+on both tasks (CLIP_benchmark reads it for classification only). One JSON file per dataset x
+task x checkpoint is written to --output as CLIP_benchmark's default name does,
 
-    {dataset}_{checkpoint}_{model}_{task}.json
+    {dataset}_{checkpoint}_{model}_en_{task}.json
 
 with dataset = the dataset folder's name, checkpoint = an open_clip tag, a checkpoint file's
-stem (its parent folder's name prepended when two stems clash) or, for --run, the run folder's
-name, and task = zeroshot_classification or zeroshot_retrieval (each where the dataset has
-labels, resp. captions). Each file holds CLIP_benchmark's result shape
-{"dataset", "model", "pretrained", "task", "language", "metrics"}; metrics use CLIP_benchmark's
-names (acc1, acc5, mean_per_class_recall; image_retrieval_recall@k = text->image,
-text_retrieval_recall@k = image->text, k = 1, 5, 10), each also prefixed forget_ and retain_
-for the images of the forget classes and the rest. Missing values (an empty part) are null.
+name with its extension (its parent folder's name prepended when two names clash) or, for
+--run, the run folder's name, and task = zeroshot_classification or zeroshot_retrieval. Each
+file holds CLIP_benchmark's result shape {"dataset", "model", "pretrained", "task", "language",
+"metrics"} with its values: dataset = "wds/" + the folder's name (what CLIP_benchmark is given as
+--dataset, with --dataset_root the folder), pretrained = the tag or path exactly as given, so
+`clip_benchmark build` puts the two tools' rows side by side. Metrics use CLIP_benchmark's
+names and definitions (acc1, acc5, mean_per_class_recall; acc5 is null below 5 classes, where
+CLIP_benchmark writes NaN; image_retrieval_recall@k = text->image, text_retrieval_recall@k =
+image->text, k = 1, 5, 10, top-k by torch.topk with its tie order), each also prefixed forget_
+and retain_ for the images of the forget classes and the rest. Missing values (an empty part)
+are null.
 """
 from __future__ import annotations
 
@@ -42,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--pretrained", action="append", default=[], help="open_clip tag or checkpoint file (repeatable)")
     a("--run", action="append", default=[], help="an unlearn run folder: its report.json and model.pt (repeatable)")
     a("--dataset", action="append", default=[],
-      help="evaluation set in CLIP_benchmark's webdataset layout (repeatable; default for --run: its eval_data)")
+      help="evaluation set in CLIP_benchmark's webdataset layout, a classification or a retrieval folder "
+           "(repeatable; default for --run: its eval_data)")
     a("--forget-classes", help="comma-separated class names to report as the forget part (default for --run: its own)")
     a("--output", default="eval_results", help="folder for the JSON results (default eval_results)")
     a("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N (default auto)")
@@ -65,9 +73,9 @@ def checkpoints_from_args(args: argparse.Namespace) -> List[Tuple[str, Optional[
     labels: set = set()
     for spec in args.pretrained:
         is_file = Path(spec).is_file()
-        label = _slug(Path(spec).stem if is_file else spec)
+        label = _slug(Path(spec).name if is_file else spec)  # CLIP_benchmark's basename, extension kept
         if label in labels and is_file:
-            label = _slug(f"{Path(spec).resolve().parent.name}-{Path(spec).stem}")
+            label = _slug(f"{Path(spec).resolve().parent.name}-{Path(spec).name}")
         while label in labels:
             label += "_"
         labels.add(label)
@@ -103,9 +111,9 @@ def evaluate_checkpoint(model_name: str, pretrained: Optional[str], label: str, 
         emb = embed_eval_set(loaded.model, loaded.tokenizer, ev, batch_size=args.batch_size,
                              progress=not args.no_progress, desc=f"{label} on {name}")
         for task, metrics in split_metrics(emb, ev, forget_mask(ev, forget_classes, where or None)).items():
-            record = benchmark_record(dataset=name, model=model_name, pretrained=pretrained, task=task, metrics=metrics,
-                                      forget_classes=forget_classes)
-            path = Path(args.output) / f"{name}_{label}_{_slug(model_name)}_{task}.json"
+            record = benchmark_record(dataset=f"wds/{name}", model=model_name, pretrained=pretrained, task=task,
+                                      metrics=metrics, forget_classes=forget_classes)
+            path = Path(args.output) / f"{name}_{label}_{_slug(model_name)}_en_{task}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(record, indent=2) + "\n")
             written.append(path)

@@ -16,13 +16,9 @@ from pathlib import Path
 from typing import List, Optional
 
 import cliperase.engine as engine  # its names load on first use: a refused input imports no torch
-from cliperase.engine import preflight
-from cliperase.engine.config import UnlearnConfig, config_overrides, method_names
+from cliperase.engine.config import DATA_KEYS, UnlearnConfig, config_overrides, method_names
 from cliperase.engine.errors import ConfigError, Interrupted, NonFiniteLoss
 from cliperase.engine.models.hf import hf_model_name
-
-# The flags that say what to unlearn; with none of them the run is the embedded demo.
-DATA_FLAGS = ("model", "pretrained", "forget_data", "retain_data", "eval_data", "forget_classes")
 
 _DEFAULTS = UnlearnConfig()
 
@@ -36,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--retain-data", help="shards of image-caption pairs to keep")
     a("--eval-data", help="evaluation set in CLIP_benchmark's webdataset layout")
     a("--forget-classes", help="comma-separated class names of the eval set to forget")
+    a("--audit-data", help="never-seen pairs like the forget pairs (shards): report.json's membership audit "
+                           "(the embedded default generates them)")
     a("--method", help=f"unlearning method: {', '.join(method_names())} (default {_DEFAULTS.method})")
     a("--steps", type=int, help=f"optimizer steps (default {_DEFAULTS.steps})")
     a("--batch-size", type=int, help=f"pairs per batch, forget and retain each (default {_DEFAULTS.batch_size})")
@@ -64,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 def given_keys(args: argparse.Namespace) -> dict:
     """The config keys the command line gives: --config, then --set, then the flags."""
     given = config_overrides(args.config, args.set)
-    for name in ("model", "pretrained", "forget_data", "retain_data", "eval_data", "method", "steps",
+    for name in ("model", "pretrained", "forget_data", "retain_data", "eval_data", "audit_data", "method", "steps",
                  "batch_size", "lr", "seed", "output_dir", "overwrite", "zero_stage", "precision",
                  "grad_checkpointing", "accum_steps", "deepspeed_config", "save_every", "resume"):
         value = getattr(args, name)
@@ -79,7 +77,7 @@ def config_from_args(args: argparse.Namespace) -> UnlearnConfig:
     """The run config from the flags: the embedded demo (with the other keys given) when no data
     flag is given, else a config of exactly what was given. Raises ConfigError."""
     given = given_keys(args)
-    if not any(k in given for k in DATA_FLAGS):
+    if not any(k in given for k in DATA_KEYS):
         from cliperase.engine.tools.demo import demo_config  # prepares the demo's data: only for a demo run
 
         if "output_dir" in given:  # a folder of the user's own: no silent overwrite
@@ -95,8 +93,8 @@ def _demo_hint(args: argparse.Namespace, exc: ConfigError) -> str:
     """When data flags are missing, a word that the demo exists."""
     missing = [p for p in exc.problems if p.split(":")[0] in ("forget_data", "retain_data", "eval_data", "forget_classes")
                and ("no shards given" in p or "no evaluation set given" in p or "name at least one class" in p)]
-    return ("\n(without any of --model, --pretrained, --forget-data, --retain-data, --eval-data, --forget-classes, "
-            "launch/unlearn.py runs the embedded demo)") if missing else ""
+    flags = ", ".join("--" + k.replace("_", "-") for k in DATA_KEYS)
+    return f"\n(without any of {flags}, launch/unlearn.py runs the embedded demo)" if missing else ""
 
 
 def _cell(v) -> str:
@@ -113,6 +111,11 @@ def print_summary(report: dict) -> None:
         if "retrieval" in b:
             rows.append((f"retrieval {part} i2t R@1", b["retrieval"][part]["i2t_r1"], a["retrieval"][part]["i2t_r1"]))
             rows.append((f"retrieval {part} t2i R@1", b["retrieval"][part]["t2i_r1"], a["retrieval"][part]["t2i_r1"]))
+    for attack in ("threshold", "calibrated"):  # the membership audit (audit_data set)
+        if attack in b.get("audit", {}) and attack in a.get("audit", {}):
+            rows.append((f"MIA {attack} AUC", b["audit"][attack]["auc"], a["audit"][attack]["auc"]))
+            rows.append((f"MIA {attack} TPR@1%FPR", b["audit"][attack]["tpr_at_1pct_fpr"],
+                         a["audit"][attack]["tpr_at_1pct_fpr"]))
     print(f"\n{report['method']} on {report['model']}: {report['steps']} steps in {report['wall_s']:.1f} s")
     print(f"{'metric':<26}{'before':>9}{'after':>9}")
     for name, x, y in rows:
@@ -124,10 +127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
-        refused = preflight.problems(cfg)  # before the engine's heavy imports: refusals cost well under a second
-        if refused:
-            raise ConfigError(refused)
-        report = engine.unlearn(cfg, progress=not args.no_progress)
+        report = engine.unlearn(cfg, progress=not args.no_progress)  # checks cfg before any heavy import
     except ConfigError as exc:
         print(f"unlearn: error: {exc}{_demo_hint(args, exc)}", file=sys.stderr)
         return 2

@@ -142,6 +142,13 @@ cfg = UnlearnConfig.from_dict(dict(forget_data="{tiny_data / 'forget'}", retain_
                                    eval_data="{tiny_data / 'eval'}", forget_classes=["circle"], steps=0,
                                    output_dir="{tmp_path / 'out'}"))
 problems = preflight.problems(cfg)
+from cliperase.engine import ConfigError, unlearn
+try:
+    unlearn(cfg)  # the engine's own entry point refuses as cheaply
+except ConfigError as exc:
+    assert exc.problems == problems, exc.problems
+else:
+    raise AssertionError("unlearn accepted steps=0")
 print(json.dumps({{"problems": problems, "loaded": [m for m in ("torch._C", "open_clip", "webdataset", "transformers",
                                                               "deepspeed", "triton") if m in sys.modules]}}))
 """

@@ -87,6 +87,12 @@ def _eval_without_classnames(ctx: Ctx) -> str:
     return str(root)
 
 
+def _out_inside_audit(ctx: Ctx) -> dict:
+    root = ctx.inp / "audit"
+    shutil.copytree(ctx.data / "retain", root)
+    return {"audit_data": str(root), "output_dir": str(root / "run")}
+
+
 def _out_is_file(ctx: Ctx) -> str:
     return _file(ctx, "out.txt", b"not a directory")
 
@@ -167,6 +173,8 @@ CASES: List[Case] = [
           "lower --batch-size"), count=2),
     Case("output-inside-the-forget-data", lambda c: {"output_dir": str(c.data / "forget" / "run")},
          ("output_dir:", "is inside forget_data's folder", "choose a folder outside the inputs")),
+    Case("output-inside-the-audit-data", _out_inside_audit,
+         ("output_dir:", "is inside audit_data's folder", "choose a folder outside the inputs")),
     Case("forget-class-unknown", lambda c: {"forget_classes": "circle,unicorn"},
          ("forget_classes: ['unicorn'] not in", "classes: ", "circle")),
     Case("forget-classes-set-as-string", lambda c: {"forget_classes": None, "_extra": ["--set", "forget_classes=unicorn"]},
@@ -380,7 +388,8 @@ def test_output_dir_alone_runs_the_demo_there(tiny_data, tiny_checkpoint, tmp_pa
     from cliperase.engine.tools import demo
 
     paths = {"data": tiny_data, "pretrained": tiny_checkpoint, "forget": tiny_data / "forget",
-             "retain": tiny_data / "retain", "calibration": None}
+             "retain": tiny_data / "retain", "calibration": None,
+             "audit": tiny_data / "retain"}  # stands in for never-seen pairs: no audit figure is read here
     monkeypatch.setattr(demo, "prepare_demo", lambda cache=None, progress=True, task="circle": paths)
     out = tmp_path / "mine"
     assert cli.main(["--output-dir", str(out), "--steps", "2", "--batch-size", "8", "--no-progress"]) == 0

@@ -40,9 +40,36 @@ def test_compare_two_methods_writes_table_and_plots(tiny_data, tiny_checkpoint, 
     # eval set's forget-class images (no --holdout-data given).
     assert by_method["ga"]["forget_acc"] == report["after"]["zeroshot"]["forget_acc"]
     assert by_method["original"]["mia"]["n_members"] == 24 and 0 <= by_method["ga"]["mia_auc"] <= 1
+    # No shadow pool (no --shadow-data, no --holdout-data to take one from): the calibrated
+    # attack is left out, and the table and compare.json say so.
+    assert "calibrated" not in by_method["ga"]["mia"] and summary["shadow_source"] is None
+    assert "calibrated MIA AUC" in table and "none available: left out" in table
+    assert 0 <= by_method["ga"]["mia"]["threshold"]["tpr_at_1pct_fpr"] <= 1
     assert set(summary["histogram"]["series"]) == {"original: forget pairs", "original: never-seen pairs",
                                                    "ft: forget pairs", "ga: forget pairs"}
     assert "| ga |" in capsys.readouterr().out
+
+
+def test_shadow_pool_is_never_a_non_member(tiny_data, tmp_path):
+    import argparse
+
+    import torch
+
+    pre = lambda im: torch.zeros(1)  # noqa: E731 (which pairs, not their pixels)
+    from cliperase.engine import UnlearnConfig
+
+    held = str(tiny_data / "forget")  # any shards stand in for never-seen pairs here
+    all_images, all_captions = compare.load_pairs(held, pre)
+    n = len(all_captions) // 2
+    none, cfg = argparse.Namespace(holdout_data=None), UnlearnConfig()
+    # --holdout-data: the non-members are its first n pairs, the shadow pool the (up to n) after them.
+    images, captions, source = compare.shadow_pairs(cfg, argparse.Namespace(holdout_data=held), pre, n)
+    assert captions == all_captions[n:2 * n] and f"after the first {n}" in source
+    # audit_data (what the embedded default sets): halves, as report.json's audit splits it.
+    cfg = UnlearnConfig(audit_data=held)
+    assert compare.nonmember_pairs(cfg, none, pre, 10 ** 6)[1] == all_captions[:(len(all_captions) + 1) // 2]
+    assert compare.shadow_pairs(cfg, none, pre, 10 ** 6)[1] == all_captions[(len(all_captions) + 1) // 2:]
+    assert compare.shadow_pairs(UnlearnConfig(), none, pre, 5) is None
 
 
 def test_compare_rejects_unknown_method_before_running(tiny_data, tiny_checkpoint, tmp_path, capsys):

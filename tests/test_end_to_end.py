@@ -59,10 +59,23 @@ def test_report_reproduces_from_exported_checkpoint(tiny_data, tiny_checkpoint, 
     report = unlearn(UnlearnConfig.from_dict(dict(
         pretrained=str(tiny_checkpoint), forget_data=str(tiny_data / "forget"), retain_data=str(tiny_data / "retain"),
         eval_data=str(tiny_data / "eval"), forget_classes=["circle"], steps=2, batch_size=8, lr=1e-4,
-        output_dir=str(out))), progress=False)
+        audit_data=str(tiny_data / "train"), output_dir=str(out))), progress=False)
     lm = load_model("tiny-clip", str(out / "model.pt"))
     again = evaluate(lm.model, lm.tokenizer, load_eval_set(str(tiny_data / "eval"), lm.preprocess), ["circle"])
     assert again["zeroshot"] == pytest.approx(report["after"]["zeroshot"])
+    # The membership audit (audit_data set; the training pairs stand in for never-seen ones here):
+    # both attacks before and after, reproducible from the checkpoints.
+    from cliperase.engine.eval import MembershipAudit
+
+    for part, ckpt in (("before", tiny_checkpoint), ("after", out / "model.pt")):
+        block = report[part]["audit"]
+        assert set(block["threshold"]) == set(block["calibrated"]) == {"auc", "tpr_at_1pct_fpr"}
+        assert block["n_nonmembers"] == block["n_shadow"] == 120  # the 240 training pairs, halved
+        lm = load_model("tiny-clip", str(ckpt))
+        audit = MembershipAudit(lm.preprocess, lm.tokenizer, str(tiny_data / "forget"), str(tiny_data / "train"))
+        redone = audit(lm.model)
+        for attack in ("threshold", "calibrated"):
+            assert redone[attack] == pytest.approx(block[attack], abs=1e-6)
 
 
 def test_second_run_into_same_dir_is_refused(tiny_data, tiny_checkpoint, tmp_path, capsys):

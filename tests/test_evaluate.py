@@ -12,28 +12,126 @@ from cliperase.engine.eval.metrics import retrieval_recall, zeroshot_accuracy
 from helpers import tiny_checkpoint, tiny_data  # noqa: F401
 
 
+# CLIP_benchmark 1.6.2's definitions, transcribed independently (clip_benchmark/metrics/
+# zeroshot_retrieval.py recall_at_k and zeroshot_classification.py accuracy; no import of it).
+def _cb_recall_at_k(scores, positive_pairs, k):
+    nb_texts, nb_images = scores.shape
+    topk_indices = torch.topk(scores, k, dim=1)[1]
+    nb_positive = positive_pairs.sum(dim=1)
+    onehot = torch.nn.functional.one_hot(topk_indices, num_classes=nb_images)
+    nb_true_positive = (onehot * positive_pairs.view(nb_texts, 1, nb_images)).sum(dim=(1, 2))
+    return nb_true_positive / nb_positive
+
+
+def _cb_retrieval(images, texts, owner, ks):
+    scores = texts @ images.t()
+    positive_pairs = torch.zeros_like(scores, dtype=bool)
+    positive_pairs[torch.arange(len(scores)), owner] = True
+    out = {}
+    for k in ks:
+        out[f"t2i_r{k}"] = (_cb_recall_at_k(scores, positive_pairs, k) > 0).float().mean().item()
+        out[f"i2t_r{k}"] = (_cb_recall_at_k(scores.T, positive_pairs.T, k) > 0).float().mean().item()
+    return out
+
+
+def _cb_accuracy(output, target, topk):
+    pred = output.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    return [correct[:k].reshape(-1).float().sum(0, keepdim=True).item() / len(target) for k in topk]
+
+
+def _balanced_accuracy(target, pred):
+    recalls = [sum(int(p == c) for t, p in zip(target, pred) if t == c) / sum(int(t == c) for t in target)
+               for c in sorted(set(target))]
+    return sum(recalls) / len(recalls)
+
+
+def _tied_embeddings(seed, n_images, n_texts, d=3, levels=3):
+    # Small integer coordinates: dot products are exact, so many scores tie exactly; images
+    # and captions are also duplicated outright, as the demo's repeated captions are.
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, levels, (n_images, d), generator=g).float()
+    images[1::4] = images[0::4][: len(images[1::4])]
+    texts = torch.randint(0, levels, (n_texts, d), generator=g).float()
+    texts[2::3] = texts[0::3][: len(texts[2::3])]
+    owner = torch.cat([torch.arange(n_images), torch.randint(0, n_images, (n_texts - n_images,), generator=g)])
+    return images, texts, owner
+
+
+def test_torch_topk_does_not_break_ties_by_index():
+    # The premise of the hand-built case below (and why recall is computed with torch.topk
+    # itself): among tied scores torch.topk picks in its own order, not the lowest index first.
+    assert torch.tensor([1.0, 1.0]).topk(1).indices.tolist() == [0]
+    assert torch.tensor([1.0, 1.0, 1.0, 0.0]).topk(1).indices.tolist() == [1]
+    assert torch.tensor([[1.0, 1.0, 1.0, 0.0]]).topk(3, dim=1).indices[0].tolist() == [1, 2, 0]
+
+
+def test_retrieval_recall_ties_resolve_as_clip_benchmark_does():
+    # Two images, one caption each, the captions identical: image 0 sees the tie (1, 1) and
+    # torch.topk(1) takes caption 0 (its own); image 1 sees (0.5, 0.5) and also gets caption 0,
+    # which is image 0's. A tie-optimistic count would say 1.0.
+    images, texts, owner = torch.tensor([[1.0, 0.0], [0.5, 0.5]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.arange(2)
+    r = retrieval_recall(images, texts, owner, ks=(1, 2))
+    assert r["i2t_r1"] == 0.5 and r["i2t_r2"] == 1.0
+    # Both captions (identical) rank image 0 first: caption 1 misses at k=1.
+    assert r["t2i_r1"] == 0.5 and r["t2i_r2"] == 1.0
+    # Image 0 ties its own caption 0 with image 1's captions 1 and 2: scores (1, 1, 1, 0), and
+    # torch.topk returns 1, then 1, 2, then 1, 2, 0: image 0 is found from k = 3 on only.
+    images, texts = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0]] * 3 + [[0.0, 1.0]])
+    r = retrieval_recall(images, texts, torch.tensor([0, 1, 1, 1]), ks=(1, 2, 3))
+    assert (r["i2t_r1"], r["i2t_r2"], r["i2t_r3"]) == (0.5, 0.5, 1.0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_retrieval_recall_equals_clip_benchmark_definition_on_tied_embeddings(seed):
+    images, texts, owner = _tied_embeddings(seed, n_images=12, n_texts=31)
+    ks = (1, 2, 5, 10)
+    assert retrieval_recall(images, texts, owner, ks=ks) == _cb_retrieval(images, texts, owner, ks)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_zeroshot_metrics_equal_clip_benchmark_definition_on_tied_embeddings(seed):
+    from cliperase.engine.eval import EvalEmbeddings, split_metrics
+
+    for classes in (7, 3):
+        images, clf, _ = _tied_embeddings(seed, n_images=40, n_texts=40)
+        clf = clf[:classes].clone()
+        clf[-1] = clf[0]  # two classes with one embedding: every image ties between them
+        labels = torch.randint(0, classes, (40,), generator=torch.Generator().manual_seed(seed))
+        ev = EvalSet([str(c) for c in range(classes)], ["{c}"], torch.zeros(40, 3, 2, 2), labels, [[] for _ in range(40)])
+        emb = EvalEmbeddings(images, clf, torch.empty(0, 3), torch.zeros(0, dtype=torch.long))
+        m = split_metrics(emb, ev, torch.zeros(40, dtype=torch.bool))["zeroshot_classification"]
+        logits = 100.0 * images @ torch.stack(list(clf), dim=1)
+        if classes >= 5:
+            assert [m["acc1"], m["acc5"]] == _cb_accuracy(logits, labels, (1, 5))
+        else:  # CLIP_benchmark: acc1 from a top-1 call and acc5 = NaN below 5 classes
+            assert [m["acc1"]] == _cb_accuracy(logits, labels, (1,)) and math.isnan(m["acc5"])
+        assert m["mean_per_class_recall"] == pytest.approx(
+            _balanced_accuracy(labels.tolist(), logits.argmax(axis=1).tolist()), abs=1e-12)
+
+
 def test_zeroshot_accuracy_known_answer():
     clf = torch.eye(3)
     images = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0.9, 0.1], [0.2, 0, 0.8]])
     labels = torch.tensor([0, 1, 2, 2])  # third image is wrong at top-1, right at top-2
-    assert zeroshot_accuracy(images, clf, labels) == pytest.approx(3 / 4)
-    assert zeroshot_accuracy(images, clf, labels, k=2) == pytest.approx(1.0)
-    assert math.isnan(zeroshot_accuracy(images[:0], clf, labels[:0]))
+    assert zeroshot_accuracy(images, clf, labels, topk=(1, 2)) == pytest.approx([3 / 4, 1.0])
+    assert all(math.isnan(v) for v in zeroshot_accuracy(images[:0], clf, labels[:0]))
+    with pytest.raises(ValueError, match="exceeds the 3 classes"):
+        zeroshot_accuracy(images, clf, labels, topk=(5,))
 
 
 def test_retrieval_recall_known_ranks():
-    # 3 images on the axes; captions: two for image 0, one each for images 1 and 2.
+    # 3 images on the axes; captions: two for image 0, one each for images 1 and 2; no ties.
     images = torch.eye(3)
     texts = torch.tensor([[1.0, 0, 0], [0.1, 0.9, 0], [0, 1.0, 0], [0.9, 0, 0.1]])
     owner = torch.tensor([0, 0, 1, 2])
-    r = retrieval_recall(images, texts, owner, ks=(1, 2))
-    # i2t: image0 best caption is 0 (rank 0); image1's own caption 2 ranks first; image2's own
-    # caption 3 scores 0.1, below texts 0? (0), 1 (0), 2 (0): rank 0 -> strictly higher count 0.
-    assert r["i2t_r1"] == pytest.approx(1.0)
-    # t2i: caption1 (owner 0) prefers image1 (0.9) over image0 (0.1): rank 1. caption3 (owner 2)
-    # prefers image0 (0.9): rank 1. Others rank 0.
-    assert r["t2i_r1"] == pytest.approx(2 / 4)
-    assert r["t2i_r2"] == pytest.approx(1.0)
+    r = retrieval_recall(images, texts, owner, ks=(1, 2, 10))
+    # i2t: image 0's best caption is its own 0; image 1's top caption is 2 (own); image 2's
+    # own caption 3 (0.1) is its top one (the others score 0).
+    assert r["i2t_r1"] == 1.0
+    # t2i: caption 1 (owner 0) prefers image 1; caption 3 (owner 2) prefers image 0.
+    assert r["t2i_r1"] == 2 / 4 and r["t2i_r2"] == 1.0
+    assert r["t2i_r10"] == 1.0  # k beyond the 3 images: all are in the top k
 
 
 def test_retrieval_recall_empty_is_nan():
@@ -102,6 +200,27 @@ def test_evaluate_splits_a_subgroup_and_breaks_down_by_attribute(tiny_data, tiny
     assert sub["zeroshot"]["retain_acc"] == pytest.approx(expect, abs=1e-6)
     with pytest.raises(ValueError, match="attributes"):
         evaluate(lm.model, lm.tokenizer, replace(ev, attributes=None), ["circle"], forget_where="colour=red")
+
+
+def test_the_engine_reads_both_kinds_of_folder(tiny_data, tiny_checkpoint, tmp_path):
+    import shutil
+
+    from cliperase.engine.data import load_eval_set
+    from cliperase.engine.eval import Evaluator
+    from cliperase.engine.models import load_model
+
+    lm = load_model("tiny-clip", str(tiny_checkpoint))
+    run = Evaluator(lm.preprocess, lm.tokenizer, ["circle"])
+    both = run(lm.model, str(tiny_data / "eval"))  # classification folder whose samples carry captions
+    retrieval = run(lm.model, str(tiny_data / "eval_retrieval"))  # typed retrieval: no classification
+    assert set(both) == {"zeroshot", "retrieval"} and set(retrieval) == {"retrieval"}
+    assert retrieval["retrieval"] == both["retrieval"]
+    # A retrieval folder without labels or class names splits by the captions' class words.
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_data / "eval_retrieval", bare)
+    (bare / "classnames.txt").unlink()
+    assert run(lm.model, str(bare))["retrieval"] == both["retrieval"]
+    assert load_eval_set(str(bare), lm.preprocess).dataset_type == "retrieval"
 
 
 def test_a_metric_without_images_is_absent_with_the_reason_never_nan():

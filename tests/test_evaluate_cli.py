@@ -85,7 +85,7 @@ def _read(path):
 def test_cli_writes_clip_benchmark_json(tiny_data, tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "results"
     # The same weights twice under two names: two files per task, and the name clash of the
-    # stems is resolved by the parent folder's name.
+    # file names is resolved by the parent folder's name.
     other = tmp_path / "copy" / tiny_checkpoint.name
     other.parent.mkdir()
     shutil.copy(tiny_checkpoint, other)
@@ -94,13 +94,15 @@ def test_cli_writes_clip_benchmark_json(tiny_data, tiny_checkpoint, tmp_path, ca
                    "--no-progress", "--batch-size", "16"])
     assert rc == 0
     names = sorted(p.name for p in out.glob("*.json"))
-    assert names == sorted(f"eval_{label}_tiny-clip_{task}.json" for label in ("tiny", "copy-tiny")
+    ckpt = tiny_checkpoint.name  # CLIP_benchmark's file names keep the checkpoint's extension
+    assert names == sorted(f"eval_{label}_tiny-clip_en_{task}.json" for label in (ckpt, f"copy-{ckpt}")
                            for task in ("zeroshot_classification", "zeroshot_retrieval"))
-    cls = _read(out / "eval_tiny_tiny-clip_zeroshot_classification.json")
-    assert cls["dataset"] == "eval" and cls["model"] == "tiny-clip" and cls["pretrained"] == str(tiny_checkpoint)
+    cls = _read(out / f"eval_{ckpt}_tiny-clip_en_zeroshot_classification.json")
+    # CLIP_benchmark's values: its --dataset ("wds/" + the folder's name) and --pretrained as given.
+    assert cls["dataset"] == "wds/eval" and cls["model"] == "tiny-clip" and cls["pretrained"] == str(tiny_checkpoint)
     assert cls["task"] == "zeroshot_classification"
     assert {"acc1", "acc5", "mean_per_class_recall", "forget_acc1", "retain_acc5", "n_forget"} <= set(cls["metrics"])
-    ret = _read(out / "eval_tiny_tiny-clip_zeroshot_retrieval.json")
+    ret = _read(out / f"eval_{ckpt}_tiny-clip_en_zeroshot_retrieval.json")
     assert {f"{p}{d}_retrieval_recall@{k}" for p in ("", "forget_", "retain_") for d in ("image", "text")
             for k in (1, 5, 10)} <= set(ret["metrics"])
     # The forget/retain split agrees with the engine's before/after evaluation (its own code path).
@@ -110,7 +112,7 @@ def test_cli_writes_clip_benchmark_json(tiny_data, tiny_checkpoint, tmp_path, ca
     assert cls["metrics"]["retain_acc1"] == pytest.approx(ref["zeroshot"]["retain_acc"], abs=1e-6)
     assert ret["metrics"]["forget_text_retrieval_recall@1"] == pytest.approx(ref["retrieval"]["forget"]["i2t_r1"], abs=1e-6)
     assert ret["metrics"]["retain_image_retrieval_recall@5"] == pytest.approx(ref["retrieval"]["retain"]["t2i_r5"], abs=1e-6)
-    twin = _read(out / "eval_copy-tiny_tiny-clip_zeroshot_classification.json")
+    twin = _read(out / f"eval_copy-{ckpt}_tiny-clip_en_zeroshot_classification.json")
     assert twin["metrics"] == cls["metrics"]
     assert "forget_acc1=" in capsys.readouterr().out
 
@@ -123,11 +125,28 @@ def test_cli_run_folder_supplies_model_data_and_classes(tiny_data, tiny_checkpoi
                                                             "forget_classes": ["circle", "star"]}}))
     out = tmp_path / "results"
     assert cli.main(["--run", str(run), "--output", str(out), "--no-progress"]) == 0
-    record = _read(out / "eval_myrun_tiny-clip_zeroshot_classification.json")
+    record = _read(out / "eval_myrun_tiny-clip_en_zeroshot_classification.json")
     assert record["pretrained"] == str(run / "model.pt") and record["forget_classes"] == ["circle", "star"]
     ev = load_eval_set(str(tiny_data / "eval"), lambda im: torch.zeros(1))
     wanted = torch.tensor([ev.classnames.index("circle"), ev.classnames.index("star")])
     assert record["metrics"]["n_forget"] == int(torch.isin(ev.labels, wanted).sum())
+
+
+def test_cli_reads_a_retrieval_folder_for_retrieval_only(tiny_data, tiny_checkpoint, tmp_path):
+    # The embedded default's retrieval folder: the same samples as eval/, typed retrieval, so
+    # CLIP_benchmark reads it (for retrieval only) and so does the CLI, with the same recalls.
+    root = tiny_data / "eval_retrieval"
+    assert (root / "dataset_type.txt").read_text().strip() == "retrieval"
+    out = tmp_path / "results"
+    args = ["--model", "tiny-clip", "--pretrained", str(tiny_checkpoint), "--forget-classes", "circle",
+            "--output", str(out), "--no-progress"]
+    assert cli.main(args + ["--dataset", str(root), "--dataset", str(tiny_data / "eval")]) == 0
+    ckpt = tiny_checkpoint.name
+    assert sorted(p.name for p in out.glob("eval_retrieval_*.json")) == [f"eval_retrieval_{ckpt}_tiny-clip_en_zeroshot_retrieval.json"]
+    ret = _read(out / f"eval_retrieval_{ckpt}_tiny-clip_en_zeroshot_retrieval.json")
+    assert ret["dataset"] == "wds/eval_retrieval"
+    same = _read(out / f"eval_{ckpt}_tiny-clip_en_zeroshot_retrieval.json")
+    assert ret["metrics"] == same["metrics"] and ret["metrics"]["n_forget"] > 0  # split by the copied labels
 
 
 def test_cli_rejects_bad_input(tiny_data, tiny_checkpoint, tmp_path, capsys):
@@ -138,3 +157,9 @@ def test_cli_rejects_bad_input(tiny_data, tiny_checkpoint, tmp_path, capsys):
     assert cli.main(["--model", "tiny-clip", "--pretrained", str(tiny_checkpoint), "--dataset", str(tiny_data / "eval"),
                      "--forget-classes", "dragon", "--output", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "dragon" in capsys.readouterr().err
+    odd = tmp_path / "multi"
+    shutil.copytree(tiny_data / "eval", odd)
+    (odd / "dataset_type.txt").write_text("multilabel\n")
+    assert cli.main(["--model", "tiny-clip", "--pretrained", str(tiny_checkpoint), "--dataset", str(odd),
+                     "--output", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "'multilabel'" in capsys.readouterr().err

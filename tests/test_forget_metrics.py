@@ -108,3 +108,75 @@ def test_load_pairs_reads_forget_shards(tiny_data):
     assert len(images) == len(captions) == count and all("circle" in c for c in captions)
     images, captions = load_pairs(str(tiny_data / "forget"), preprocess, limit=5)
     assert images.shape == (5, 3, 2, 2) and len(captions) == 5
+
+
+# The stronger audit: TPR at low FPR and the shadow-calibrated attack, on cases with known answers.
+def test_tpr_at_1pct_fpr_hand_computed():
+    from cliperase.engine.eval.forget import tpr_at_fpr
+
+    neg = torch.arange(100).double()  # 1% of 100 non-members: one false positive allowed (99)
+    pos = torch.tensor([98.5, 99.5, 100.0, 50.0])
+    # The threshold may sit just above 98: 98.5, 99.5 and 100 are caught, 50 is not.
+    assert tpr_at_fpr(pos, neg, 0.01) == 0.75
+    assert tpr_at_fpr(pos, neg, 0.0) == 0.5  # no false positive: above 99 only
+    assert tpr_at_fpr(pos, neg, 0.02) == 0.75  # two allowed: above 97, still 3 of 4
+    # A tie at the cut: the top two non-members are both 98. A threshold at 98 would let both
+    # through (2 > 1 allowed), so the cut is above 98 and 98.5 still counts.
+    neg_tied = torch.cat([torch.arange(99).double(), torch.tensor([98.0])])
+    assert tpr_at_fpr(pos, neg_tied, 0.01) == 0.75
+    assert tpr_at_fpr(torch.tensor([98.0]), neg_tied, 0.01) == 0.0  # a member tied at the cut is not caught
+    assert tpr_at_fpr(torch.tensor([0.0]), neg, 1.0) == 1.0
+    assert math.isnan(tpr_at_fpr(torch.tensor([]), neg))
+    with pytest.raises(ValueError, match="fpr"):
+        tpr_at_fpr(pos, neg, 1.5)
+
+
+def _clusters(n, centers, gen):
+    """n keys near random cluster centres (normalised) and the cluster of each."""
+    which = torch.randint(0, len(centers), (n,), generator=gen)
+    keys = torch.nn.functional.normalize(centers[which] + 0.01 * torch.randn(n, centers.shape[1], generator=gen), dim=1)
+    return keys, which
+
+
+def test_calibration_separates_what_the_threshold_attack_cannot():
+    # Pair difficulty varies by cluster (cluster c's never-seen pairs score about c / 10); members
+    # score 0.05 above their cluster's level, non-members at it. Raw scores overlap across
+    # clusters (threshold AUC well below 1); calibrated on the shadow pool, every member is
+    # above every non-member: AUC 1, TPR@1%FPR 1.
+    from cliperase.engine.eval.forget import auc, neighbourhood_calibrated, tpr_at_fpr
+
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.nn.functional.normalize(torch.randn(8, 16, generator=gen), dim=1)
+    level = torch.arange(8).double() / 10
+    shadow_keys, sc = _clusters(400, centers, gen)
+    member_keys, mc = _clusters(200, centers, gen)
+    non_keys, nc = _clusters(200, centers, gen)
+    shadow_scores, members, nonmembers = level[sc], level[mc] + 0.05, level[nc]
+    assert auc(members, nonmembers) < 0.7
+    cm = neighbourhood_calibrated(member_keys, members, shadow_keys, shadow_scores, k=8)
+    cn = neighbourhood_calibrated(non_keys, nonmembers, shadow_keys, shadow_scores, k=8)
+    assert auc(cm, cn) == 1.0 and tpr_at_fpr(cm, cn) == 1.0
+
+
+def test_audit_of_identical_distributions_is_chance():
+    from cliperase.engine.eval.forget import membership_audit
+
+    gen = torch.Generator().manual_seed(1)
+
+    def pairs(n):  # image and text embeddings of one distribution, correlated like matched pairs
+        zi = torch.nn.functional.normalize(torch.randn(n, 8, generator=gen), dim=1)
+        zt = torch.nn.functional.normalize(zi + 0.8 * torch.randn(n, 8, generator=gen), dim=1)
+        return zi, zt
+
+    out = membership_audit(pairs(2000), pairs(2000), pairs(2000))
+    assert abs(out["threshold"]["auc"] - 0.5) < 0.03 and abs(out["calibrated"]["auc"] - 0.5) < 0.03
+    assert out["calibrated"]["tpr_at_1pct_fpr"] < 0.04  # chance is 0.01; a few points of noise
+    assert (out["n_members"], out["n_nonmembers"], out["n_shadow"]) == (2000, 2000, 2000)
+    assert "calibrated" not in membership_audit(pairs(10), pairs(10))  # no shadow pool, no calibration
+
+
+def test_calibration_rejects_a_shadow_pool_smaller_than_k():
+    from cliperase.engine.eval.forget import neighbourhood_calibrated
+
+    with pytest.raises(ValueError, match="shadow pairs"):
+        neighbourhood_calibrated(torch.eye(3), torch.zeros(3), torch.eye(3), torch.zeros(3), k=3)

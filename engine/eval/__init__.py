@@ -10,11 +10,11 @@ from ..lazy import lazy_exports
 
 __all__ = ["Evaluator", "evaluate", "EvalEmbeddings", "embed_eval_set", "zeroshot_classifier", "TASKS",
            "split_metrics", "zeroshot_breakdown", "report_block", "strict_json", "benchmark_record", "forget_mask",
-           "attribute_mask", "parse_attributes"]
+           "attribute_mask", "parse_attributes", "MembershipAudit"]
 
 _EXPORTS = {"Evaluator": "evaluator", "evaluate": "evaluator", "EvalEmbeddings": "embed", "embed_eval_set": "embed",
             "zeroshot_classifier": "embed", "TASKS": "metrics", "split_metrics": "metrics",
             "zeroshot_breakdown": "metrics", "report_block": "report", "strict_json": "report",
             "benchmark_record": "report", "forget_mask": "splits", "attribute_mask": "splits",
-            "parse_attributes": "splits"}
+            "parse_attributes": "splits", "MembershipAudit": "evaluator"}
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

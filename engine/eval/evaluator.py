@@ -1,4 +1,5 @@
-"""The evaluation of a model on a set, as report.json shows it, and a run's evaluator (sets read once)."""
+"""The evaluation of a model on a set, as report.json shows it, a run's evaluator (sets read once)
+and its membership audit (pairs read once)."""
 from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Sequence
@@ -7,11 +8,15 @@ from torch import nn
 
 from ..data.eval_set import EvalSet, load_eval_set
 from .embed import embed_eval_set
+from .forget import load_pairs, membership_audit, pair_embeddings
 from .metrics import split_metrics, zeroshot_breakdown
 from .report import report_block
 from .splits import Where, forget_mask
 
-__all__ = ["Evaluator", "evaluate"]
+__all__ = ["Evaluator", "evaluate", "MembershipAudit", "split_audit_pairs", "AUDIT_PAIRS", "SHADOW_K"]
+
+AUDIT_PAIRS = 1000  # members, non-members and shadow pairs each, at most
+SHADOW_K = 16  # shadow neighbours per pair in the calibrated attack
 
 
 def evaluate(model: nn.Module, tokenizer: Callable, ev: EvalSet, forget_classes: Sequence[str], *,
@@ -54,3 +59,30 @@ class Evaluator:
     def __call__(self, model: nn.Module, root: Optional[str] = None) -> dict:
         return evaluate(model, self.tokenizer, self.eval_set(root or self.default_root), self.forget_classes,
                         forget_where=self.where, batch_size=self.batch_size)
+
+
+def split_audit_pairs(images, captions):
+    """Never-seen pairs as (non-members, shadow pool or None): the first half (rounded up) and
+    the rest, the pool left out when it holds no more than SHADOW_K pairs (no neighbourhood)."""
+    half = (len(images) + 1) // 2
+    shadow = (images[half:], captions[half:]) if len(images) - half > SHADOW_K else None
+    return (images[:half], captions[:half]), shadow
+
+
+class MembershipAudit:
+    """report.json's "audit" block of a model: `membership_audit` of the run's forget pairs (the
+    members, first AUDIT_PAIRS) against never-seen pairs of the same distribution (`audit_data`:
+    its first half the non-members, the rest the calibrated attack's shadow pool, left out when
+    it holds no more than SHADOW_K pairs). The pairs are read once."""
+
+    def __init__(self, preprocess: Callable, tokenizer: Callable, forget_data: str, audit_data: str, *,
+                 batch_size: int = 256):
+        self.tokenizer, self.batch_size = tokenizer, batch_size
+        self.members = load_pairs(forget_data, preprocess, limit=AUDIT_PAIRS, what="forget_data")
+        self.nonmembers, self.shadow = split_audit_pairs(*load_pairs(audit_data, preprocess, limit=2 * AUDIT_PAIRS,
+                                                                     what="audit_data"))
+
+    def __call__(self, model: nn.Module) -> dict:
+        embed = lambda pairs: pair_embeddings(model, self.tokenizer, *pairs, batch_size=self.batch_size)  # noqa: E731
+        return membership_audit(embed(self.members), embed(self.nonmembers),
+                                embed(self.shadow) if self.shadow is not None else None, k=SHADOW_K)

@@ -8,10 +8,14 @@ an attacker can tell them from pairs the model never saw.
   on) when its image-caption similarity is high". Its AUC over all thresholds is reported:
   0.5 means members and non-members cannot be told apart. Far below 0.5 is not "better": a
   forget set pushed unusually far apart is as recognisable as one that is remembered.
+- `membership_audit`: that attack and a stronger one calibrated per pair on a shadow pool of
+  never-seen pairs (`neighbourhood_calibrated`, an offline-LiRA test), each as AUC and TPR at
+  1% FPR (`tpr_at_fpr`: the low-FPR regime where a few confidently recognised pairs show).
 """
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -21,8 +25,8 @@ from torch import Tensor, nn
 from ..data import ShardReader, resolve_shards
 from ..errors import ConfigError
 
-__all__ = ["load_pairs", "pair_similarities", "similarity_histogram", "plot_similarity_histograms", "auc",
-           "membership_inference_auc"]
+__all__ = ["load_pairs", "pair_similarities", "pair_embeddings", "similarity_histogram", "plot_similarity_histograms",
+           "auc", "membership_inference_auc", "tpr_at_fpr", "neighbourhood_calibrated", "membership_audit"]
 
 
 def load_pairs(spec: str, preprocess: Callable, *, limit: Optional[int] = None, what: str = "pairs") -> Tuple[Tensor, List[str]]:
@@ -44,9 +48,10 @@ def load_pairs(spec: str, preprocess: Callable, *, limit: Optional[int] = None, 
 
 
 @torch.no_grad()
-def pair_similarities(model: nn.Module, tokenizer: Callable, images: Tensor, captions: Sequence[str], *,
-                      batch_size: int = 256) -> Tensor:
-    """(N,) fp32 cosine similarity of image i with caption i, in batches on the model's device.
+def pair_embeddings(model: nn.Module, tokenizer: Callable, images: Tensor, captions: Sequence[str], *,
+                    batch_size: int = 256) -> Tuple[Tensor, Tensor]:
+    """((N, d), (N, d)) normalised fp32 image and caption embeddings of N pairs, on the CPU, in
+    batches on the model's device (the model's train/eval mode is restored).
 
     Raises ValueError when the counts differ.
     """
@@ -56,14 +61,23 @@ def pair_similarities(model: nn.Module, tokenizer: Callable, images: Tensor, cap
     was_training = model.training
     model.eval()
     try:
-        out = []
+        zi, zt = [], []
         for i in range(0, len(images), batch_size):
-            zi = model.encode_image(images[i : i + batch_size].to(device), normalize=True)
-            zt = model.encode_text(tokenizer(list(captions[i : i + batch_size])).to(device), normalize=True)
-            out.append((zi * zt).sum(dim=-1).float().cpu())
+            zi.append(model.encode_image(images[i : i + batch_size].to(device), normalize=True).float().cpu())
+            zt.append(model.encode_text(tokenizer(list(captions[i : i + batch_size])).to(device), normalize=True)
+                      .float().cpu())
     finally:
         model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0)
+    if not zi:
+        return torch.empty(0, 0), torch.empty(0, 0)
+    return torch.cat(zi), torch.cat(zt)
+
+
+def pair_similarities(model: nn.Module, tokenizer: Callable, images: Tensor, captions: Sequence[str], *,
+                      batch_size: int = 256) -> Tensor:
+    """(N,) fp32 cosine similarity of image i with caption i (`pair_embeddings`)."""
+    zi, zt = pair_embeddings(model, tokenizer, images, captions, batch_size=batch_size)
+    return (zi * zt).sum(dim=-1) if len(zi) else torch.empty(0)
 
 
 def similarity_histogram(sims: Mapping[str, Tensor], *, bins: int = 40, lo: float = -1.0, hi: float = 1.0) -> dict:
@@ -152,3 +166,80 @@ def membership_inference_auc(member_scores: Tensor, nonmember_scores: Tensor) ->
     a = auc(member_scores, nonmember_scores)
     return {"auc": a, "advantage": abs(a - 0.5) * 2, "n_members": int(member_scores.numel()),
             "n_nonmembers": int(nonmember_scores.numel())}
+
+
+def tpr_at_fpr(member_scores: Tensor, nonmember_scores: Tensor, fpr: float = 0.01) -> float:
+    """The attack's true-positive rate at a false-positive rate of at most `fpr`: the largest
+    fraction of members scoring above a threshold that at most floor(fpr * n_nonmembers)
+    non-members reach ("member" when score >= threshold). Exactly: with v the (m+1)-th largest
+    non-member score, m = floor(fpr * n), the members scoring strictly above v. NaN when either
+    side is empty; ValueError for fpr outside [0, 1]."""
+    if not 0.0 <= fpr <= 1.0:
+        raise ValueError(f"fpr: expected a rate in [0, 1], got {fpr}")
+    pos, neg = member_scores.detach().double().flatten().cpu(), nonmember_scores.detach().double().flatten().cpu()
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    allowed = math.floor(fpr * len(neg) + 1e-9)  # 1e-9: 0.01 * 1000 must allow 10, not 9
+    if allowed >= len(neg):
+        return 1.0
+    v = neg.sort(descending=True).values[allowed]
+    return (pos > v).double().mean().item()
+
+
+def neighbourhood_calibrated(keys: Tensor, scores: Tensor, shadow_keys: Tensor, shadow_scores: Tensor,
+                             k: int = 16) -> Tensor:
+    """Per-pair calibrated scores: each pair's score minus the mean score of its k nearest
+    shadow pairs (by key cosine), in units of the shadow pool's own leave-one-out residual std.
+
+    This is offline LiRA's test (Carlini et al. 2022: how far a pair's score lies above the
+    scores it gets from models that never saw it), with the never-seen distribution of a pair's
+    score estimated from never-seen pairs that look like it under the audited model, instead of
+    from shadow models trained without it. It removes per-pair difficulty (a plain caption
+    fits its image well whether trained on or not) that the plain threshold attack confounds
+    with membership, at the cost of one nearest-neighbour search, no training.
+
+    Args: keys (N, d) and shadow_keys (S, d) normalised; scores (N,), shadow_scores (S,).
+    Raises ValueError for fewer than k + 1 shadow pairs or mismatched shapes.
+    """
+    if len(shadow_keys) != len(shadow_scores) or len(keys) != len(scores):
+        raise ValueError(f"keys/scores: expected matching lengths, got {len(keys)}/{len(scores)} and "
+                         f"{len(shadow_keys)}/{len(shadow_scores)}")
+    if not 0 < k < len(shadow_keys):
+        raise ValueError(f"k: expected 0 < k < {len(shadow_keys)} shadow pairs, got {k}")
+    keys, shadow_keys = keys.double(), shadow_keys.double()
+    shadow_scores = shadow_scores.double()
+    own = shadow_keys @ shadow_keys.T
+    own.fill_diagonal_(float("-inf"))  # leave each shadow pair out of its own neighbourhood
+    residual = shadow_scores - shadow_scores[own.topk(k, dim=1).indices].mean(dim=1)
+    spread = residual.std().clamp_min(1e-12)
+    expected = shadow_scores[(keys @ shadow_keys.T).topk(k, dim=1).indices].mean(dim=1)
+    return (scores.double() - expected) / spread
+
+
+def membership_audit(member: Tuple[Tensor, Tensor], nonmember: Tuple[Tensor, Tensor],
+                     shadow: Optional[Tuple[Tensor, Tensor]] = None, *, k: int = 16, fpr: float = 0.01) -> dict:
+    """Both attacks on (image_emb, text_emb) pairs of members (forget pairs), non-members and,
+    for the calibrated one, a shadow pool (more never-seen pairs of the same distribution):
+
+        {"threshold": {"auc", "tpr_at_1pct_fpr"}, "calibrated": {...} (with a shadow pool),
+         "n_members", "n_nonmembers", "n_shadow"}
+
+    The threshold attack scores a pair by its cosine; the calibrated one by
+    `neighbourhood_calibrated` with the concatenated image and text embeddings as keys. AUC
+    0.5 and TPR@1%FPR 0.01 = members look never seen. (`fpr` renames nothing: the key says 1pct
+    only for the default; another fpr is reported under its own number.)"""
+    name = f"tpr_at_{fpr * 100:g}pct_fpr"
+
+    def attack(pos: Tensor, neg: Tensor) -> dict:
+        return {"auc": auc(pos, neg), name: tpr_at_fpr(pos, neg, fpr)}
+
+    def cos(pairs):
+        return (pairs[0] * pairs[1]).sum(dim=-1)
+
+    out = {"threshold": attack(cos(member), cos(nonmember)), "n_members": len(member[0]),
+           "n_nonmembers": len(nonmember[0]), "n_shadow": len(shadow[0]) if shadow is not None else 0}
+    if shadow is not None:
+        key = lambda p: torch.cat([p[0], p[1]], dim=1) / math.sqrt(2)  # noqa: E731 (unit norm: both halves are)
+        calibrate = lambda p: neighbourhood_calibrated(key(p), cos(p), key(shadow), cos(shadow), k)  # noqa: E731
+        out["calibrated"] = attack(calibrate(member), calibrate(nonmember))
+    return out

@@ -23,58 +23,75 @@ RECALL_KS = (1, 5, 10)
 SPLITS = ("", "forget_", "retain_")  # metric-name prefixes: all images, the forget part, the rest
 
 
-def zeroshot_accuracy(image_emb: Tensor, classifier: Tensor, labels: Tensor, k: int = 1) -> float:
-    """Fraction of images whose label is among the top-`k` classes; NaN for no images."""
+def zeroshot_accuracy(image_emb: Tensor, classifier: Tensor, labels: Tensor, topk: Sequence[int] = (1,)) -> List[float]:
+    """Top-k accuracy for each k of `topk`, CLIP_benchmark 1.6.2's `accuracy`: logits = 100 *
+    image . class, ONE `torch.topk(max(topk))` call, and acc@k = fraction of images whose label
+    is among its first k columns (so tied logits resolve in torch.topk's order, which is not
+    the index order). NaN each for no images; ValueError when max(topk) exceeds the classes
+    (CLIP_benchmark never asks: it skips acc5 below 5 classes, see zeroshot_metrics)."""
+    if max(topk) > classifier.shape[0]:
+        raise ValueError(f"topk: {max(topk)} exceeds the {classifier.shape[0]} classes")
     if len(labels) == 0:
-        return float("nan")
-    topk = (image_emb @ classifier.T).topk(min(k, classifier.shape[0]), dim=1).indices
-    return (topk == labels[:, None]).any(dim=1).float().mean().item()
+        return [float("nan")] * len(topk)
+    pred = (100.0 * image_emb @ classifier.T).topk(max(topk), 1, True, True).indices
+    # A count over n in Python floats, as there (a float32 mean would differ in the 8th digit).
+    return [(pred[:, :k] == labels[:, None]).any(dim=1).sum().item() / len(labels) for k in topk]
 
 
 def _mean_per_class_recall(pred: Tensor, labels: Tensor) -> float:
-    """Mean over the classes present in `labels` of the fraction of their images predicted right."""
+    """Mean over the classes present in `labels` of the fraction of their images predicted right
+    (sklearn's balanced_accuracy_score, which CLIP_benchmark reports)."""
     classes = labels.unique()
     if len(classes) == 0:
         return float("nan")
-    return torch.stack([(pred[labels == c] == c).float().mean() for c in classes]).mean().item()
+    return torch.stack([(pred[labels == c] == c).double().mean() for c in classes]).mean().item()  # fp64, as sklearn
+
+
+def _found(scores: Tensor, positive: Tensor, k: int) -> Tensor:
+    """(Q,) bool: whether any positive of each query row is among its `torch.topk(k)` columns.
+    k is capped at the column count (CLIP_benchmark's topk would raise there; every candidate is
+    then within the top k)."""
+    top = scores.topk(min(k, scores.shape[1]), dim=1).indices
+    return positive.gather(1, top).any(dim=1)
 
 
 def retrieval_recall(image_emb: Tensor, text_emb: Tensor, text_owner: Tensor, ks: Sequence[int] = RECALL_KS) -> Dict[str, float]:
-    """Image->text and text->image recall@k.
+    """Image->text and text->image recall@k, as CLIP_benchmark 1.6.2's zeroshot_retrieval defines
+    them: scores = text_emb @ image_emb.T (its orientation, so the same floats and the same
+    ties), one `torch.topk(k)` call per k (topk(10)[:5] may order ties differently from
+    topk(5)), a caption found when its image is in its top k, an image when any of its
+    captions is in its top k. Ties resolve in torch.topk's order, not in the query's favour:
+    identical captions of different images embed identically, and only one of them can come
+    first.
 
     Args:
         image_emb: (M, d) normalised. text_emb: (T, d) normalised. text_owner: (T,) index of
-            each caption's image. An image is retrieved correctly at k when any of its
-            captions is in its top k; a caption when its image is in its top k.
+            each caption's image (an image without captions counts as not found, as there).
     Returns:
         {"i2t_r1", ..., "t2i_r10"} as fractions; NaN for an empty set.
     """
     names = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in ks]
     if len(image_emb) == 0 or len(text_emb) == 0:
         return {n: float("nan") for n in names}
-    sim = image_emb @ text_emb.T  # (M, T)
-    owns = text_owner[None, :] == torch.arange(len(image_emb))[:, None]  # (M, T)
-    out = {}
-    # Rank of the best own caption per image = number of captions scoring strictly higher.
-    best_own = sim.masked_fill(~owns, float("-inf")).max(dim=1).values
-    i2t_rank = (sim > best_own[:, None]).sum(dim=1)
-    own_score = sim[text_owner, torch.arange(len(text_emb))]
-    t2i_rank = (sim > own_score[None, :]).sum(dim=0)
-    for k in ks:
-        out[f"i2t_r{k}"] = (i2t_rank < k).float().mean().item()
-    for k in ks:
-        out[f"t2i_r{k}"] = (t2i_rank < k).float().mean().item()
+    scores = text_emb @ image_emb.T  # (T, M)
+    positive = text_owner[:, None] == torch.arange(len(image_emb))[None, :]
+    out = {f"i2t_r{k}": _found(scores.T, positive.T, k).float().mean().item() for k in ks}
+    out.update({f"t2i_r{k}": _found(scores, positive, k).float().mean().item() for k in ks})
     return out
 
 
 def zeroshot_metrics(emb: EvalEmbeddings, ev: EvalSet, keep: Tensor) -> Dict[str, float]:
-    """Zero-shot classification of the images in `keep`, CLIP_benchmark's names: acc1, acc5 (top-C
-    with fewer than 5 classes) and mean_per_class_recall."""
+    """Zero-shot classification of the images in `keep`, CLIP_benchmark's names and definitions:
+    acc1 and acc5 from one top-5 call, acc5 NaN (and acc1 from a top-1 call) when the SET has
+    fewer than 5 classes, as CLIP_benchmark does; mean_per_class_recall from the argmax (the
+    first maximal class)."""
     image_emb, labels = emb.image_emb[keep], ev.labels[keep]
-    pred = (image_emb @ emb.classifier.T).argmax(dim=1) if len(image_emb) else labels
-    return {"acc1": zeroshot_accuracy(image_emb, emb.classifier, labels, k=1),
-            "acc5": zeroshot_accuracy(image_emb, emb.classifier, labels, k=5),
-            "mean_per_class_recall": _mean_per_class_recall(pred, labels)}
+    pred = (100.0 * image_emb @ emb.classifier.T).argmax(dim=1) if len(image_emb) else labels
+    if emb.classifier.shape[0] >= 5:
+        acc1, acc5 = zeroshot_accuracy(image_emb, emb.classifier, labels, topk=(1, 5))
+    else:
+        (acc1,), acc5 = zeroshot_accuracy(image_emb, emb.classifier, labels, topk=(1,)), float("nan")
+    return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": _mean_per_class_recall(pred, labels)}
 
 
 def retrieval_metrics(emb: EvalEmbeddings, ev: EvalSet, keep: Tensor, ks: Sequence[int] = RECALL_KS) -> Dict[str, float]:
@@ -92,9 +109,13 @@ def retrieval_metrics(emb: EvalEmbeddings, ev: EvalSet, keep: Tensor, ks: Sequen
 
 
 MetricFn = Callable[[EvalEmbeddings, EvalSet, Tensor], Dict[str, float]]
-# CLIP_benchmark's task names; each applies to a set with labels and class names, resp. captions.
+# CLIP_benchmark's task names. Classification applies to a set with labels and class names that
+# is not typed retrieval (CLIP_benchmark would not classify it); retrieval to any set with captions
+# (CLIP_benchmark scores it on retrieval folders only; a classification folder's captions are
+# our addition, so that one eval_data serves both tasks).
 TASKS: Dict[str, Tuple[Callable[[EvalSet], bool], MetricFn]] = {
-    "zeroshot_classification": (lambda ev: ev.labels is not None and bool(ev.classnames), zeroshot_metrics),
+    "zeroshot_classification": (lambda ev: ev.dataset_type != "retrieval" and ev.labels is not None
+                                and bool(ev.classnames), zeroshot_metrics),
     "zeroshot_retrieval": (lambda ev: any(ev.captions), retrieval_metrics),
 }
 

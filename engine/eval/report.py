@@ -41,7 +41,7 @@ def report_block(metrics: Dict[str, Dict[str, float]]) -> dict:
 
 
 def _value(v: float, name: str, absent: Dict[str, str], why: str) -> Optional[float]:
-    if isinstance(v, float) and math.isnan(v):
+    if _nan(v):
         absent[name] = why
         return None
     return v
@@ -49,11 +49,17 @@ def _value(v: float, name: str, absent: Dict[str, str], why: str) -> Optional[fl
 
 def strict_json(metrics: Dict[str, float]) -> Dict[str, Optional[float]]:
     """NaN (an empty split) as None, so the result is strict JSON."""
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+    return {k: (None if _nan(v) else v) for k, v in metrics.items()}
+
+
+def _nan(v) -> bool:  # an empty split's metric
+    return isinstance(v, float) and math.isnan(v)
 
 
 def benchmark_record(*, dataset: str, model: str, pretrained: Optional[str], task: str, metrics: Dict[str, float],
                      forget_classes) -> dict:
-    """One CLIP_benchmark result file's content, our forget/retain split beside its metrics."""
+    """One CLIP_benchmark result file's content, our forget/retain split beside its metrics.
+    `dataset` and `pretrained` as CLIP_benchmark writes them (its --dataset, e.g. "wds/eval", and
+    its --pretrained as given), so that its `build` lines up the two tools' rows."""
     return {"dataset": dataset, "model": model, "pretrained": pretrained, "task": task, "language": "en",
             "forget_classes": list(forget_classes), "metrics": strict_json(metrics)}

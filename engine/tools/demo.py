@@ -11,12 +11,15 @@ from typing import Callable, Dict, Optional, Tuple
 from ..config import UnlearnConfig, keys_for
 from ..errors import ConfigError
 from .pretrain import PretrainConfig, pretrain
-from .synthetic import generate, split_pairs, write_default, write_eval, SHAPES
+from .synthetic import generate, split_pairs, write_default, write_eval, write_pairs, write_retrieval_copy, SHAPES
 
 __all__ = ["DEMO_FORGET_CLASS", "DemoTask", "DEMO_TASKS", "demo_cache", "prepare_demo", "demo_fields", "demo_config"]
 
 DEMO_FORGET_CLASS = "circle"
-_CALIBRATION_SEED = 104729  # the calibration split's seed: neither train (0), eval (1) nor compare's holdout
+_CALIBRATION_SEED = 104729  # the calibration split's seed: neither train (0), eval (1) nor the audit's
+# The audit pairs' seeds (non-members, then the shadow pool): never-seen pairs of the forget set's kind.
+_AUDIT_SEEDS = {"holdout": 7919, "shadow": 7927}
+_AUDIT_PAIRS = 1000  # of each
 
 
 @dataclass(frozen=True)
@@ -63,9 +66,10 @@ def prepare_demo(cache: Optional[Path] = None, *, say: Callable[[str], None] = p
                  task: str = "circle") -> dict:
     """Generate the data and pretrain the teacher once; later calls reuse both.
 
-    Returns {"data": root, "pretrained": checkpoint path, "forget": shards, "retain": shards,
+    Returns {"data": root (eval/ a classification set with captions, eval_retrieval/ the same
+    samples as CLIP_benchmark's retrieval set), "pretrained": checkpoint path, "forget": shards, "retain": shards,
     "calibration": a held-out CLIP_benchmark-layout split for choices made on data (the subgroup
-    method's soup weight), or None}. A `task` other than "circle" splits the same training pairs by
+    method's soup weight), or None, "audit": never-seen pairs for report.json's membership audit}. A `task` other than "circle" splits the same training pairs by
     its own rule (DEMO_TASKS) and has a calibration split; "circle" (the demo) keeps its data as it was.
     """
     if task not in DEMO_TASKS:
@@ -75,6 +79,8 @@ def prepare_demo(cache: Optional[Path] = None, *, say: Callable[[str], None] = p
     if not (data / "manifest.json").is_file():
         say(f"generating the embedded dataset in {data}")
         write_default(data, forget=lambda s: s.shape == DEMO_FORGET_CLASS, progress=say)
+    if not (data / "eval_retrieval").is_dir():  # caches written before the retrieval folder existed
+        write_retrieval_copy(data / "eval", data / "eval_retrieval")
     ckpt = cache / "tiny-clip-pretrained.pt"
     if not ckpt.is_file():
         say(f"pretraining tiny-clip from scratch (once; cached at {ckpt})")
@@ -89,6 +95,9 @@ def prepare_demo(cache: Optional[Path] = None, *, say: Callable[[str], None] = p
         if not (split / "manifest.json").is_file():
             say(f"splitting the training pairs for task {task!r} into {split}")
             split_pairs(data / "train", split, forget=DEMO_TASKS[task].forgets)
+    audit = split / "audit"
+    if not audit.is_dir():
+        _write_audit(audit, task)
     calibration = cache / "calibration" if task != "circle" else None
     if calibration is not None and not calibration.is_dir():
         tmp = calibration.with_name("calibration.partial")  # renamed into place when complete
@@ -96,7 +105,19 @@ def prepare_demo(cache: Optional[Path] = None, *, say: Callable[[str], None] = p
         write_eval(generate(1440, _CALIBRATION_SEED, prefix="cal-"), tmp, SHAPES)
         tmp.rename(calibration)
     return {"data": data, "pretrained": ckpt, "forget": split / "forget", "retain": split / "retain",
-            "calibration": calibration}
+            "calibration": calibration, "audit": audit}
+
+
+def _write_audit(root: Path, task: str) -> None:
+    """Never-seen pairs for the membership audit: the generator, forget rule and JPEG of the
+    forget shards with other seeds, so that the only difference from the forget pairs is that no
+    model was trained on these; non-members first, then the shadow pool (split_audit_pairs)."""
+    tmp = root.with_name(root.name + ".partial")  # renamed into place when complete
+    shutil.rmtree(tmp, ignore_errors=True)
+    kwargs = DEMO_TASKS[task].generate_kwargs()
+    write_pairs([s for name, seed in _AUDIT_SEEDS.items()
+                 for s in generate(_AUDIT_PAIRS, seed, **kwargs, prefix=f"{name}-")], tmp)
+    tmp.rename(root)
 
 
 def demo_fields(cache: Optional[Path] = None, output_dir: str = "runs/demo", task: str = "circle",
@@ -113,6 +134,7 @@ def demo_fields(cache: Optional[Path] = None, output_dir: str = "runs/demo", tas
         forget_data=str(paths["forget"]),
         retain_data=str(paths["retain"]),
         eval_data=str(data / "eval"),
+        audit_data=str(paths["audit"]),
         forget_classes=DEMO_TASKS[task].classes,
         forget_attributes=DEMO_TASKS[task].forget_attributes,
         method="cliperase",

@@ -176,6 +176,23 @@ def write_eval(samples, root: Path, classnames: Sequence[str], *, shard_size: in
     return count
 
 
+def write_retrieval_copy(src: Path, root: Path) -> Path:
+    """`src` (a CLIP_benchmark classification folder whose samples carry captions) as a retrieval
+    folder CLIP_benchmark reads: its shards, nshards.txt and classnames.txt (which decide the
+    forget part in cliperase; CLIP_benchmark ignores them here) copied unchanged, and
+    `dataset_type.txt` = "retrieval". Written beside `root` and renamed into place. Returns root."""
+    tmp = root.with_name(root.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "test").mkdir(parents=True)
+    for shard in sorted((src / "test").iterdir()):
+        if shard.suffix == ".tar" or shard.name == "nshards.txt":
+            shutil.copyfile(shard, tmp / "test" / shard.name)
+    shutil.copyfile(src / "classnames.txt", tmp / "classnames.txt")
+    (tmp / "dataset_type.txt").write_text("retrieval\n")
+    tmp.rename(root)
+    return root
+
+
 def write_default(
     root: Path,
     *,
@@ -186,7 +203,9 @@ def write_default(
     progress: Optional[Callable[[str], None]] = None,
 ) -> Dict[str, int]:
     """The demo's data under `root`: `train/` (all pairs, for pretraining), `forget/` and
-    `retain/` (the training pairs split by the `forget` predicate), `eval/` (held out).
+    `retain/` (the training pairs split by the `forget` predicate), `eval/` (held out; a
+    classification folder whose samples also carry captions) and `eval_retrieval/` (the same
+    samples as a retrieval folder, `write_retrieval_copy`).
 
     Returns sample counts per part. Writes into a temporary folder first and renames it into
     place, so an interrupted run never leaves a partial dataset that looks complete.
@@ -202,6 +221,7 @@ def write_default(
     counts["retain"] = write_pairs([s for s in train if not forget(s)], tmp / "retain")
     say(f"generating {n_eval} evaluation samples")
     counts["eval"] = write_eval(generate(n_eval, seed + 1, prefix="eval-"), tmp / "eval", SHAPES)
+    write_retrieval_copy(tmp / "eval", tmp / "eval_retrieval")
     (tmp / "manifest.json").write_text(json.dumps({"seed": seed, "counts": counts}, indent=1))
     tmp.rename(root)
     return counts
