@@ -34,6 +34,7 @@ Size on disk: 2 * d * 2 bytes per sample in fp16, e.g. 4 KB at d = 1024: 41 GB f
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -66,14 +67,23 @@ _EDGE = 64 * 1024  # bytes of each end of a shard its fingerprint reads
 def teacher_fingerprint(model: nn.Module) -> str:
     """A digest of the model's floating-point state: per tensor its name, shape and three moments
     (sum, sum of squares, position-weighted sum) in float64. Any real change of the weights
-    changes it; computing it costs one read of the weights on their device."""
+    changes it; computing it costs one read of the weights on their device. A ZeRO-3 partitioned
+    model's tensors are gathered one at a time (collective), giving the digest of the same
+    weights held whole."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        if t.is_floating_point() and t.numel():
-            x = t.detach().double().flatten()
-            w = torch.arange(1, x.numel() + 1, device=x.device, dtype=torch.float64) % 9973
-            h.update(repr([float(x.sum()), float((x * x).sum()), float((x * w).sum())]).encode())
+    for name, t in sorted(model.state_dict(keep_vars=True).items()):
+        gathered = contextlib.nullcontext()
+        if hasattr(t, "ds_id"):
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters([t])
+        with gathered:
+            shape = tuple(t.ds_shape) if hasattr(t, "ds_id") else tuple(t.shape)
+            h.update(f"{name}{shape}{t.dtype}".encode())
+            if t.is_floating_point() and t.numel():
+                x = t.detach().double().flatten()
+                w = torch.arange(1, x.numel() + 1, device=x.device, dtype=torch.float64) % 9973
+                h.update(repr([float(x.sum()), float((x * x).sum()), float((x * w).sum())]).encode())
     return h.hexdigest()
 
 
@@ -177,7 +187,7 @@ class TeacherCache:
             plan = (prints, [i for i, p in enumerate(prints) if not (where / f"{p}.npy").is_file()])
         prints, todo = D.broadcast(plan)  # sync point: every rank embeds its part of the same list
         mine = todo[D.rank()::D.world_size()]
-        if mine:
+        if mine or (todo and hasattr(teacher, "idle")):  # a collective teacher needs every rank in the pass
             where.mkdir(parents=True, exist_ok=True)
             _embed_shards([(where / f"{prints[i]}.npy", shards[i]) for i in mine], teacher, preprocess, tokenizer,
                           device=device, precision=precision, batch_size=batch_size,
@@ -193,15 +203,13 @@ class TeacherCache:
         return cls(ShardRows([str(where / f"{p}.npy") for p in prints], precision), where)
 
 
-@torch.no_grad()
-def _embed_shards(jobs: List[Tuple[Path, str]], teacher: nn.Module, preprocess: Callable, tokenizer: Callable, *,
-                  device: torch.device, precision: str, batch_size: int, desc: str, progress: bool) -> None:
-    """Embed each (file, shard) job's samples and write the file, atomically, shard by shard."""
-    was_training = teacher.training
-    teacher.eval()
+def _shard_batches(jobs: List[Tuple[Path, str]], preprocess: Callable, tokenizer: Callable, *, precision: str,
+                   batch_size: int, bar):
+    """Per (file, shard) job, its decodable samples as (images, tokens, rows) batches; the caller
+    appends each batch's (B, 2, d) rows to `rows`, and the file is written (atomically) once the
+    shard's last batch is in."""
     fast = split_preprocess(preprocess)  # the training streams' own pixels (data.PairStream)
     cpu = fast.cpu if fast is not None else lambda raw: preprocess(decode_image(raw))
-    bar = progress_bar(total=len(jobs), desc=desc, unit="shard", enabled=progress)
     for path, url in jobs:
         ordinals, images, texts, n = [], [], [], 0
         for sample in ShardReader([url], check_images="none", check_samples=False):
@@ -213,13 +221,47 @@ def _embed_shards(jobs: List[Tuple[Path, str]], teacher: nn.Module, preprocess: 
                 texts.append(sample["txt"].decode("utf-8").strip())
         rows: List[Tensor] = []
         for start in range(0, len(images), batch_size):
-            x = torch.stack(images[start : start + batch_size]).to(device)
-            x = fast.device(x) if fast is not None else x
-            t = tokenizer(texts[start : start + batch_size]).to(device)
-            rows.append(torch.stack([F.normalize(teacher.encode_image(x).float(), dim=-1),
-                                     F.normalize(teacher.encode_text(t).float(), dim=-1)], 1).cpu())
+            yield torch.stack(images[start : start + batch_size]), tokenizer(texts[start : start + batch_size]), rows
         _write_rows(path, n, ordinals, torch.cat(rows) if rows else None, precision)
         bar.update(1)
+
+
+def _in_lockstep(items, idle: Optional[Callable[[], None]]):
+    """`items`, but when `idle` is given (a collective teacher: a ZeRO-3 forward needs every
+    rank) ranks agree before each item whether anyone still has one (sync point), and a rank
+    whose own items ran out calls `idle` meanwhile, so every rank runs as many forwards."""
+    if idle is None:
+        yield from items
+        return
+    items = iter(items)
+    while True:
+        item = next(items, None)
+        more = torch.tensor([item is not None], dtype=torch.int64)
+        torch.distributed.all_reduce(more, op=torch.distributed.ReduceOp.MAX)
+        if not more.item():
+            return
+        if item is None:
+            idle()
+        else:
+            yield item
+
+
+@torch.no_grad()
+def _embed_shards(jobs: List[Tuple[Path, str]], teacher: nn.Module, preprocess: Callable, tokenizer: Callable, *,
+                  device: torch.device, precision: str, batch_size: int, desc: str, progress: bool) -> None:
+    """Embed each (file, shard) job's samples and write the file, shard by shard."""
+    was_training = teacher.training
+    teacher.eval()
+    fast = split_preprocess(preprocess)
+    bar = progress_bar(total=len(jobs), desc=desc, unit="shard", enabled=progress)
+    batches = _shard_batches(jobs, preprocess, tokenizer, precision=precision, batch_size=batch_size, bar=bar)
+    # A ZeRO-3 original (dist.partitioned.ShardedOriginal) embeds both towers in one collective forward.
+    encode = getattr(teacher, "encode", None) or (lambda x, t: (teacher.encode_image(x), teacher.encode_text(t)))
+    idle = teacher.idle() if hasattr(teacher, "idle") else None
+    for x, t, rows in _in_lockstep(batches, idle):
+        x = x.to(device)
+        img, txt = encode(fast.device(x) if fast is not None else x, t.to(device))
+        rows.append(torch.stack([F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)], 1).cpu())
     bar.close()
     teacher.train(was_training)
 
