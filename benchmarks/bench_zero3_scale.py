@@ -135,15 +135,17 @@ def plan(n_params: int, ranks: int) -> dict:
     return {"bytes_per_param_per_rank": 16 / ranks, "model_state_bytes_per_rank": 16 * n_params / ranks}
 
 
-def run_one(model: str, ranks: int, ckpt: Path, data: Path, work: Path, cfg: Path, steps: int) -> dict:
+def run_one(model: str, ranks: int, ckpt: Path, data: Path, work: Path, cfg: Path, steps: int, resume: bool) -> dict:
+    """`resume`: kill after the step-2 checkpoint and resume (else one uninterrupted run)."""
     out = work / f"run-{model}-{ranks}r"
     args = unlearn_args(model, ckpt, data, out, cfg, steps)
     with open(work / f"run-{model}-{ranks}r.log", "w") as log:
-        first = launch(ranks, args, log, kill_after=out / "checkpoints" / "step_00000002" / "manifest.json",
-                       port=29700 + ranks)
-        second = launch(ranks, args + ["--resume"], log, port=29710 + ranks)
-    result = {"ranks": ranks, "runs": [first, second], "memory": memory_rows(out)}
-    if second["rc"] == 0:
+        runs = [launch(ranks, args, log, kill_after=out / "checkpoints" / "step_00000002" / "manifest.json"
+                       if resume else None, port=29700 + ranks)]
+        if resume:
+            runs.append(launch(ranks, args + ["--resume"], log, port=29710 + ranks))
+    result = {"ranks": ranks, "steps": steps, "runs": runs, "memory": memory_rows(out)}
+    if runs[-1]["rc"] == 0:
         result["export"] = check_export(model, out, ckpt)
         result["report_wall_s"] = json.loads((out / "report.json").read_text())["wall_s"]
     return result
@@ -157,6 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--checkpoint", type=Path, help="an open_clip state dict of --model (default: made in --work)")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--no-resume", action="store_true", help="one uninterrupted run per rank count (no kill and resume)")
     p.add_argument("--n-forget", type=int, default=4)
     p.add_argument("--n-retain", type=int, default=8)
     p.add_argument("--n-eval", type=int, default=6)
@@ -177,8 +180,12 @@ def main(argv=None) -> int:
               "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__, "deepspeed": deepspeed.__version__},
               "driver": " ".join(["benchmarks/bench_zero3_scale.py", *(argv or sys.argv[1:])]),
               "deepspeed_config": CPU_ZERO3, "loadavg_start": os.getloadavg(), "by_ranks": {}}
+    if a.out.is_file() and json.loads(a.out.read_text()).get("model") == a.model:  # add to the other rank counts
+        result["by_ranks"] = json.loads(a.out.read_text())["by_ranks"]
     for r in a.ranks:
-        got = run_one(a.model, r, ckpt, data, a.work, cfg, a.steps)
+        got = run_one(a.model, r, ckpt, data, a.work, cfg, a.steps, resume=not a.no_resume)
+        got["driver"] = result["driver"]
+        got["loadavg_start"] = result["loadavg_start"]
         got["plan"] = plan(n, r)
         peaks = [max(row["peak_rss_bytes"] for row in rows) for rows in got["memory"].values()]
         got["measured"] = {"peak_rss_bytes_per_rank": max(peaks) if peaks else None,

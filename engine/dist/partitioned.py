@@ -28,7 +28,7 @@ from ..errors import ConfigError
 from ..models import LoadedModel, Towers, load_empty
 
 __all__ = ["can_build_partitioned", "load_partitioned", "ShardedOriginal", "sharded_engine", "gather_full_state",
-           "release_optimizer_state", "assemble"]
+           "release_optimizer_state", "assemble", "trim_heap"]
 
 log = logging.getLogger("cliperase")
 
@@ -91,6 +91,7 @@ def load_partitioned(name: str, path: str, ds_config: dict, *, dtype: torch.dtyp
             if key(bname) in state:
                 buf.copy_(state[key(bname)])
     del state  # the mapping goes: the file's pages are the page cache's again
+    trim_heap()  # the per-parameter copies
     return loaded
 
 
@@ -144,12 +145,33 @@ class ShardedOriginal(nn.Module):
         return lambda: self.encode(torch.zeros(1, 3, *size), torch.zeros(1, context, dtype=torch.int64))
 
     def close(self) -> None:
-        """Give the shards back (the engine's hooks hold reference cycles: collected here, not later)."""
-        import gc
-
+        """Give the shards back. Dropping the engine is not enough: DeepSpeed's module hooks keep
+        it, and so every parameter, reachable after destroy() (measured: a ViT-B-32 original's
+        fp32 shards stayed resident), so each shard's storage is released here explicitly."""
+        clip = self.engine.module.clip
         self.engine.destroy()
         self.engine = None
-        gc.collect()
+        with torch.no_grad():
+            for param in clip.parameters():
+                param.data = torch.empty(0, dtype=param.dtype)
+                if getattr(param, "ds_tensor", None) is not None:
+                    param.ds_tensor.data = torch.empty(0, dtype=param.ds_tensor.dtype)
+        trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim; elsewhere nothing). glibc keeps
+    freed blocks for reuse, so without it a phase's transients (one full parameter at a time
+    while loading, a closed original's shards) stay in the process's RSS: measured on a
+    ViT-B-32, 480 MiB of a closed fp32 original's 580 stayed resident until trimmed."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc
+        pass
 
 
 def release_optimizer_state(engine) -> None:
@@ -158,7 +180,7 @@ def release_optimizer_state(engine) -> None:
     a full fp32 copy."""
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     inner.state.clear()
-    engine.zero_grad()
+    trim_heap()
 
 
 def gather_full_state(clip: nn.Module, *, keep: bool) -> Dict[str, Tensor]:
