@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -72,10 +73,16 @@ def unlearn_args(model: str, ckpt: Path, data: Path, out: Path, cfg: Path, steps
             "--set", "eval_batch_size=8", "--set", "warmup_steps=0"]
 
 
-def launch(ranks: int, args: list, log, *, kill_after: Path = None, port: int) -> dict:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(ranks: int, args: list, log, *, kill_after: Path = None) -> dict:
     """One launcher run; with `kill_after`, the launcher's whole process group is SIGKILLed as
     soon as that file exists. Returns rc and wall time."""
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_free_port()),
            "launch/unlearn.py", *args]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
@@ -135,15 +142,33 @@ def plan(n_params: int, ranks: int) -> dict:
     return {"bytes_per_param_per_rank": 16 / ranks, "model_state_bytes_per_rank": 16 * n_params / ranks}
 
 
+def summarize(result: dict) -> dict:
+    """Per rank count: each phase's largest peak RSS over ranks and runs (GiB), the peak per
+    parameter per rank, and the plan's model-state bytes beside them."""
+    n = result["parameters"]
+    out = {}
+    for ranks, got in result["by_ranks"].items():
+        phases = {}
+        for rows in got["memory"].values():
+            for row in rows:
+                name = row["phase"] + (f" {row['step']}" if "step" in row else "")
+                phases[name] = max(phases.get(name, 0), row["peak_rss_bytes"])
+        peak = max(phases.values())
+        out[ranks] = {"peak_rss_gib_by_phase": {k: round(v / GIB, 2) for k, v in phases.items()},
+                      "peak_rss_gib": round(peak / GIB, 2), "peak_bytes_per_param_per_rank": round(peak / n, 2),
+                      "plan_model_state_gib_per_rank": round(16 * n / int(ranks) / GIB, 2)}
+    return out
+
+
 def run_one(model: str, ranks: int, ckpt: Path, data: Path, work: Path, cfg: Path, steps: int, resume: bool) -> dict:
     """`resume`: kill after the step-2 checkpoint and resume (else one uninterrupted run)."""
     out = work / f"run-{model}-{ranks}r"
     args = unlearn_args(model, ckpt, data, out, cfg, steps)
     with open(work / f"run-{model}-{ranks}r.log", "w") as log:
         runs = [launch(ranks, args, log, kill_after=out / "checkpoints" / "step_00000002" / "manifest.json"
-                       if resume else None, port=29700 + ranks)]
+                       if resume else None)]
         if resume:
-            runs.append(launch(ranks, args + ["--resume"], log, port=29710 + ranks))
+            runs.append(launch(ranks, args + ["--resume"], log))
     result = {"ranks": ranks, "steps": steps, "runs": runs, "memory": memory_rows(out)}
     if runs[-1]["rc"] == 0:
         result["export"] = check_export(model, out, ckpt)
@@ -154,8 +179,9 @@ def run_one(model: str, ranks: int, ckpt: Path, data: Path, work: Path, cfg: Pat
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
+    p.add_argument("--summarize", action="store_true", help="only add the summary to an existing --out file")
     p.add_argument("--ranks", type=int, nargs="+", default=[2])
-    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--work", type=Path, help="where data, checkpoints and runs go (required unless --summarize)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--checkpoint", type=Path, help="an open_clip state dict of --model (default: made in --work)")
     p.add_argument("--steps", type=int, default=3)
@@ -164,6 +190,14 @@ def main(argv=None) -> int:
     p.add_argument("--n-retain", type=int, default=8)
     p.add_argument("--n-eval", type=int, default=6)
     a = p.parse_args(argv)
+    if a.summarize:
+        result = json.loads(a.out.read_text())
+        result["summary"] = summarize(result)
+        a.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result["summary"], indent=1))
+        return 0
+    if a.work is None:
+        p.error("--work is required")
     import deepspeed
     import open_clip
     import torch
@@ -192,6 +226,7 @@ def main(argv=None) -> int:
                            "peak_rss_bytes_per_param_per_rank": max(peaks) / n if peaks else None}
         result["by_ranks"][str(r)] = got
         result["loadavg_end"] = os.getloadavg()
+        result["summary"] = summarize(result)
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0
