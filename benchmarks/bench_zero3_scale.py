@@ -64,6 +64,13 @@ def make_checkpoint(model: str, path: Path) -> Path:
     return path
 
 
+def mem_available_gib() -> float:
+    """MemAvailable of /proc/meminfo: what other tenants left this run (the machine is shared)."""
+    with open("/proc/meminfo") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    return round(kib / 1024 ** 2, 2)
+
+
 def unlearn_args(model: str, ckpt: Path, data: Path, out: Path, cfg: Path, steps: int) -> list:
     return ["--model", model, "--pretrained", str(ckpt), "--zero-stage", "3", "--precision", "bf16",
             "--grad-checkpointing", "--forget-data", str(data / "forget"), "--retain-data", str(data / "retain"),
@@ -213,13 +220,16 @@ def main(argv=None) -> int:
                                            "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1)},
               "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__, "deepspeed": deepspeed.__version__},
               "driver": " ".join(["benchmarks/bench_zero3_scale.py", *(argv or sys.argv[1:])]),
-              "deepspeed_config": CPU_ZERO3, "loadavg_start": os.getloadavg(), "by_ranks": {}}
+              "deepspeed_config": CPU_ZERO3, "loadavg_start": os.getloadavg(),
+              "mem_available_gib_start": mem_available_gib(), "by_ranks": {}}
     if a.out.is_file() and json.loads(a.out.read_text()).get("model") == a.model:  # add to the other rank counts
         result["by_ranks"] = json.loads(a.out.read_text())["by_ranks"]
     for r in a.ranks:
+        available = mem_available_gib()
         got = run_one(a.model, r, ckpt, data, a.work, cfg, a.steps, resume=not a.no_resume)
         got["driver"] = result["driver"]
         got["loadavg_start"] = result["loadavg_start"]
+        got["mem_available_gib_start"] = available
         got["plan"] = plan(n, r)
         peaks = [max(row["peak_rss_bytes"] for row in rows) for rows in got["memory"].values()]
         got["measured"] = {"peak_rss_bytes_per_rank": max(peaks) if peaks else None,
