@@ -97,7 +97,10 @@ def export_open_clip(model: nn.Module, path: Path, *, dtype: torch.dtype = torch
     `meta` (model name, method, step...) goes to a JSON sidecar `path.json`, keeping the
     checkpoint itself a bare state dict that any open_clip version reads with weights_only.
     """
-    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).clone() for k, v in model.state_dict().items()}
+    # No copy where the dtype and device already fit: a ViT-H's fp32 export would otherwise hold
+    # the model twice. contiguous(): torch.save writes a view's whole storage.
+    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in model.state_dict().items()}
     atomic_save(state, path)
     if meta is not None:
         write_json(meta, Path(str(path) + ".json"))

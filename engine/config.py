@@ -27,6 +27,7 @@ LOSS_IMPLS = ("ref", "chunked", "triton")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
 TEACHERS = ("cache", "live")
+TEACHER_CACHE_PRECISIONS = ("fp16", "bf16", "fp32")  # engine/teacher_cache.py's CACHE_PRECISIONS
 EXPORT_PRECISIONS = ("fp32", "bf16")
 # Files whose presence marks a directory as holding a run (started or finished).
 RUN_MARKERS = ("run.json", "report.json")
@@ -76,6 +77,8 @@ class UnlearnConfig:
     train_logit_scale: bool = False  # train the temperature (default: the original's, frozen)
     loss_impl: Optional[str] = None  # loss backend: "ref", "chunked", "triton"; default by device
     teacher: str = "cache"  # the original's embeddings: "cache" (computed once, stored with the run) or "live"
+    # the cache's stored rows: "fp16" (element error <= 2^-11 relative), "bf16" (<= 2^-8) or "fp32" (exact)
+    teacher_cache_precision: str = "fp16"
     # --- run
     output_dir: str = "runs/unlearn"  # report.json, the unlearned checkpoint, logs
     overwrite: bool = False  # allow output_dir to hold an earlier run

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Dict, List
 
 from . import checks
-from .config import (EXPORT_PRECISIONS, LOSS_IMPLS, PRECISIONS, RUN_MARKERS, SCHEDULES, TEACHERS, UnlearnConfig,
-                     method_names)
+from .config import (EXPORT_PRECISIONS, LOSS_IMPLS, PRECISIONS, RUN_MARKERS, SCHEDULES, TEACHER_CACHE_PRECISIONS, TEACHERS,
+                     UnlearnConfig, method_names)
 from .data import DATA_SPLITS, ShardReader, eval_set_problems, shard_problems
 from .data.eval_set import eval_shards
 from .dist import launched
@@ -54,6 +54,9 @@ def inspect(cfg: UnlearnConfig) -> Findings:
     values = _value_problems(cfg)
     found = Findings(checks.collect(list(mistyped.values()), values, _method_problems(cfg),
                                     _scale_problems(cfg, mistyped, values)))
+    if cfg.teacher == "live" and cfg.teacher_cache_precision != UnlearnConfig.teacher_cache_precision:
+        found.warnings.append(f"teacher_cache_precision: {cfg.teacher_cache_precision!r} changes nothing with "
+                              "teacher='live' (no cache is built)")
     return found.add(_input_findings(cfg, mistyped))
 
 
@@ -90,7 +93,8 @@ def _value_problems(cfg: UnlearnConfig) -> List[str]:
                        checks.one_of("schedule", cfg.schedule, SCHEDULES),
                        checks.one_of("export_precision", cfg.export_precision, EXPORT_PRECISIONS),
                        checks.one_of("data_split", cfg.data_split, DATA_SPLITS),
-                       checks.one_of("teacher", cfg.teacher, TEACHERS))
+                       checks.one_of("teacher", cfg.teacher, TEACHERS),
+                       checks.one_of("teacher_cache_precision", cfg.teacher_cache_precision, TEACHER_CACHE_PRECISIONS))
     if cfg.resume is not None and cfg.resume != "latest" and not Path(str(cfg.resume)).is_dir():
         p.append(f"resume: expected 'latest' or a checkpoint directory, got {cfg.resume!r} (not a directory)")
     if cfg.loss_impl is not None and cfg.loss_impl not in LOSS_IMPLS:

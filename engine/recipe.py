@@ -29,15 +29,17 @@ from .checkpoint import (CHECKPOINTS, atomic_write_bytes, begin_checkpoint, comm
                          rng_state, set_rng_state, write_errors, write_json)
 from .config import UnlearnConfig, trajectory_fields
 from .data import SKIP_KINDS, PairStream, loader, resolve_shards
-from .dist.zero import build_training, full_state_dict, init_process_group, uses_deepspeed
+from .dist.partitioned import ShardedOriginal, assemble, can_build_partitioned, load_partitioned, sharded_engine
+from .dist.ds_config import build_ds_config
+from .dist.zero import PRECISION_DTYPES, build_training, full_state_dict, init_process_group, uses_deepspeed
 from .errors import ConfigError
 from .eval import Evaluator, MembershipAudit
 from .methods import STREAMS, RunContext, build_features, get_method
 from .models import load_model, train_mode
 from .progress import progress_bar
 from .stopping import Interrupted, StopSignals
-from .teacher_cache import TeacherCache
-from .telemetry import DataWaitTimer, GpuSampler, tensorboard_writer
+from .teacher_cache import TeacherCache, teacher_rows
+from .telemetry import DataWaitTimer, GpuSampler, MemoryPhases, tensorboard_writer
 from .trainer import LossLog, NonFiniteLoss, check_gradients, lr_factor, resolve_device
 
 __all__ = ["UnlearnRecipe"]
@@ -78,12 +80,15 @@ class UnlearnRecipe:
         self.t_start = time.perf_counter()
         self._setup_distributed()
         self._setup_resume()
+        self.memory = MemoryPhases()  # this rank's peak RSS per phase: memory/rank_<r>.step_<start>.json
         self._setup_model()
+        self._phase("before evaluation")
         if self.main:
             self._setup_output()
         self._setup_teacher_model()
         self._setup_method()
         self._setup_teacher_cache()
+        self._phase("teacher cache")
         self._setup_training()
         self._setup_data()
 
@@ -122,14 +127,44 @@ class UnlearnRecipe:
                          "world_size": self.world, "pretrained_file": input_fingerprint(cfg.pretrained),
                          "resumed_from": str(self.resume_from) if self.resume_from else None}
         torch.manual_seed(cfg.seed)
-        self.loaded = load_model(cfg.model, cfg.pretrained, device=self.device)
+        # ZeRO-3 from a checkpoint file: student and original built partitioned, no rank ever
+        # holding either whole (dist.partitioned); otherwise the whole model, sharded later if at all.
+        self.partitioned = self.use_ds and cfg.zero_stage == 3 and can_build_partitioned(cfg.pretrained)
+        self.original = None
+        if self.partitioned:
+            self._load_partitioned()
+        else:
+            self.loaded = load_model(cfg.model, cfg.pretrained, device=self.device)
         self.student = self.loaded.model
+        self._phase("model load")
         self.evaluate = Evaluator(self.loaded.preprocess, self.loaded.tokenizer, cfg.forget_classes,
                                   cfg.forget_attributes, default_root=cfg.eval_data, batch_size=cfg.eval_batch_size)
-        self.audit = (MembershipAudit(self.loaded.preprocess, self.loaded.tokenizer, cfg.forget_data, cfg.audit_data,
-                                      batch_size=cfg.eval_batch_size) if self.main and cfg.audit_data else None)
-        if self.main:
-            self.before = self.run_state["before"] if self.resume_from else self._scored(self.student)
+        self.audit = None
+        if cfg.audit_data and (self.main or self.original is not None):  # every rank through a sharded original
+            self.audit = MembershipAudit(self.loaded.preprocess, self.loaded.tokenizer, cfg.forget_data, cfg.audit_data,
+                                         batch_size=cfg.eval_batch_size)
+        if self.resume_from:
+            self.before = self.run_state.get("before")
+        elif self.original is not None:  # collective: every rank runs the evaluation through the sharded original
+            before = self._scored(self.original)
+            self.before = before if self.main else None
+        elif self.main:
+            self.before = self._scored(self.student)
+
+    def _load_partitioned(self) -> None:
+        """The student in the run's precision, and the frozen original as a ZeRO-3 inference
+        engine: fp32 for the "before" evaluation and the teacher-cache pass (as a whole model
+        would give them), the run's precision when it is also the live teacher."""
+        cfg = self.cfg
+        ds_config = build_ds_config(cfg, self.world)
+        dtype = PRECISION_DTYPES.get(cfg.precision, torch.float32)
+        self.loaded = load_partitioned(cfg.model, cfg.pretrained, ds_config, dtype=dtype,
+                                       train_logit_scale=cfg.train_logit_scale)
+        live = self.method.uses_teacher and cfg.teacher == "live"
+        odtype = dtype if live else torch.float32
+        oconfig = ds_config if live else {**ds_config, "bf16": {"enabled": False}, "fp16": {"enabled": False}}
+        clip = load_partitioned(cfg.model, cfg.pretrained, oconfig, dtype=odtype, train_logit_scale=False).model
+        self.original = ShardedOriginal(sharded_engine(clip, oconfig, odtype))
 
     def _setup_output(self) -> None:
         """Files appear only once the model and data have loaded: a refused input leaves no run behind."""
@@ -149,9 +184,14 @@ class UnlearnRecipe:
         """The frozen original (when the method compares with it) and the student's training mode.
         s is the original's temperature, frozen unless asked otherwise (METHOD.md)."""
         student = self.student
-        student.logit_scale.requires_grad_(self.cfg.train_logit_scale)
-        self.frozen_scale = student.logit_scale.detach().exp().clone()
-        self.teacher = copy.deepcopy(student).requires_grad_(False).eval() if self.method.uses_teacher else None
+        if self.original is None:
+            student.logit_scale.requires_grad_(self.cfg.train_logit_scale)
+            self.frozen_scale = student.logit_scale.detach().exp().clone()
+            self.teacher = copy.deepcopy(student).requires_grad_(False).eval() if self.method.uses_teacher else None
+        else:  # the student's logit_scale is a shard of a 1-element parameter when trained; the original's is whole.
+            # (No method that reads the original's modules runs under ZeRO-3: preflight refuses it.)
+            self.frozen_scale = self.original.engine.module.clip.logit_scale.detach().float().exp().clone()
+            self.teacher = self.original if self.method.uses_teacher else None
         train_mode(student)
         if self.cfg.grad_checkpointing:
             student.set_grad_checkpointing(True)
@@ -174,10 +214,14 @@ class UnlearnRecipe:
                 spec, what, _ = self._specs[name]
                 self.caches[name] = TeacherCache.build_or_load(
                     self.out / "teacher_cache", name, resolve_shards(spec, what), self.teacher, self.loaded.preprocess,
-                    self.loaded.tokenizer, device=self.device, batch_size=cfg.eval_batch_size, progress=self.progress)
+                    self.loaded.tokenizer, device=self.device, precision=cfg.teacher_cache_precision,
+                    batch_size=cfg.eval_batch_size, progress=self.progress)
             self.teacher = self.ctx.teacher = self.teacher.to("cpu") if self.method.needs_teacher_model else None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+        if self.original is not None and self.teacher is not self.original:  # its embeddings are all that was needed
+            self.original.close()
+            self.original = None
         self.cache_s = time.perf_counter() - t0
 
     def _setup_training(self) -> None:
@@ -187,8 +231,10 @@ class UnlearnRecipe:
                                        use_ds=self.use_ds, world=self.world,
                                        ds_config_path=self.out / "ds_config.json" if self.main else None, lr_fn=lr_fn)
         self.stepper = self.training.stepper
+        self._phase("engine init")
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
+            self._phase("resume load")
 
     def _setup_data(self) -> None:
         """The training streams (from the checkpoint's positions on resume), the loss log, curves."""
@@ -214,7 +260,8 @@ class UnlearnRecipe:
         cfg = self.cfg
         stream = PairStream(resolve_shards(spec, what), self.loaded.preprocess, self.loaded.tokenizer, cfg.batch_size,
                             seed=seed + (_HOOK_SEED_OFFSET if hook else 0), what=what, rank=self.rank,
-                            world=self.world, start=start, resampled=cfg.resampled, split=cfg.data_split)
+                            world=self.world, start=start, resampled=cfg.resampled, split=cfg.data_split,
+                            teacher=None if hook or name not in self.caches else self.caches[name].rows)
         return loader(stream, 0 if hook else self.data_workers, pin_memory=self.device.type == "cuda",
                       device=self.device)
 
@@ -234,6 +281,7 @@ class UnlearnRecipe:
                     log_step = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
                     with self.data_wait.step():
                         self._optimizer_step(step, log_step)
+                    self._phase("training step", step=step + 1)
                     # sync point (log steps): the step's losses to the host, the global batch's under DeepSpeed
                     row = self.losses.row(step + 1, self.stepper) if log_step else None
                     self.losses.next_step()
@@ -272,10 +320,10 @@ class UnlearnRecipe:
         return self.method.objective(f)
 
     def _teacher_rows(self, name: str, images: Tensor, texts: Tensor, rows: Dict[str, int]):
-        """Normalised teacher (image, text) rows of stream `name`'s part of the batch: looked up in
-        the cache by sample id, or computed by the live teacher."""
+        """Normalised teacher (image, text) rows of stream `name`'s part of the batch: the cache's,
+        which came with the batch from the data worker, or computed by the live teacher."""
         if name in self.caches:
-            return self.caches[name].lookup(self.streams[name].last_ids)
+            return teacher_rows(self.streams[name].last_teacher, self.device)
         names = list(rows)
         start = sum(rows[n] for n in names[:names.index(name)])
         part = slice(start, start + rows[name])
@@ -340,6 +388,7 @@ class UnlearnRecipe:
                                             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
                                       keep=cfg.keep_checkpoints)
         D.barrier()
+        self._phase("checkpoint", step=step)
         return final
 
     def load_checkpoint(self, path: Path) -> None:
@@ -372,6 +421,7 @@ class UnlearnRecipe:
         "after" metrics, model.pt and report.json (rank 0). Collective under DeepSpeed."""
         skipped = self._skip_totals()
         student = self._consolidated()
+        self._phase("consolidation")
         if not self.main:
             D.barrier()
             return None
@@ -392,19 +442,27 @@ class UnlearnRecipe:
             self.writer.close()
         write_json(report, self.out / "report.json")
         write_json({**self.run_info, "status": "finished"}, self.out / "run.json")
+        self._phase("evaluation and export")
         D.barrier()
         return report
 
+    def _phase(self, name: str, **extra) -> None:
+        """End phase `name` of this rank's memory record and rewrite memory/rank_<r>.step_<start>.json
+        (every phase, so a killed run keeps the record up to its last phase)."""
+        self.memory.end(name, **extra)
+        write_json({"rank": self.rank, "world_size": self.world, "model": self.cfg.model, "precision": self.cfg.precision,
+                    "zero_stage": self.cfg.zero_stage, "partitioned": self.partitioned, "start_step": self.start_step,
+                    "phases": self.memory.rows}, self.out / "memory" / f"rank_{self.rank}.step_{self.start_step}.json")
+
     def _consolidated(self):
-        """The trained model as a plain fp32 open_clip module on rank 0 (None elsewhere)."""
+        """The trained model as a plain fp32 open_clip module on rank 0 (None elsewhere), assembled
+        from the gathered state without a second copy."""
         if not self.use_ds:
             return self.student
-        state = full_state_dict(self.training)  # sync point: every rank takes part
+        state = full_state_dict(self.training, keep=self.main)  # sync point: every rank takes part
         if not self.main:
             return None
-        student = load_model(self.cfg.model, None, device=self.device).model
-        student.load_state_dict(state)
-        return student
+        return assemble(self.cfg.model, state).to(self.device)
 
     def _scored(self, model) -> dict:
         """The before/after block: the evaluation, and the membership audit when audit_data is set."""

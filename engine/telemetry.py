@@ -10,6 +10,8 @@ fraction of step time spent waiting for data.
             ...
     report["telemetry"] = {"gpu": sampler.stop(), "data": wait.summary()}
 
+`MemoryPhases` records this process's peak resident memory per phase of a run (Linux /proc).
+
 Without a GPU or without the NVML library the sampler logs once that GPU telemetry is off and
 its summary is `{"available": False, "reason": ...}`.
 """
@@ -21,7 +23,7 @@ import threading
 import time
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
-__all__ = ["GpuSampler", "DataWaitTimer", "METRICS", "tensorboard_writer"]
+__all__ = ["GpuSampler", "DataWaitTimer", "MemoryPhases", "METRICS", "tensorboard_writer"]
 
 log = logging.getLogger("cliperase.telemetry")
 
@@ -269,3 +271,51 @@ def tensorboard_writer(log_dir):
             log.warning("tensorboard is not installed: no TensorBoard curves (log.jsonl and eval.jsonl have them)")
         return None
     return SummaryWriter(str(log_dir))
+
+
+def _proc_status() -> Dict[str, int]:
+    """VmHWM, VmRSS, RssAnon, RssFile, RssShmem of this process in bytes (Linux), else {}."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                    out[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+class MemoryPhases:
+    """Peak resident memory (RSS) of this process per named phase: `end(phase)` records the peak
+    since the previous `end` (or creation) and resets the kernel's high-water mark (writing 5 to
+    /proc/self/clear_refs) so the next phase starts from the current RSS. Also recorded: RSS at
+    the phase's end split into anonymous and file-backed pages (a memory-mapped checkpoint's pages
+    are file-backed: the page cache's, shared between processes). Child processes (data workers)
+    are not counted. Where /proc is missing (not Linux), `rows` stays empty."""
+
+    def __init__(self):
+        self.rows: List[Dict[str, Any]] = []
+        self._t = time.perf_counter()
+        self._reset()
+
+    @staticmethod
+    def _reset() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def end(self, phase: str, **extra) -> None:
+        """Close `phase` (extra: e.g. step=3, kept in its row)."""
+        st = _proc_status()
+        if not st:
+            return
+        now = time.perf_counter()
+        self.rows.append({"phase": phase, **extra, "peak_rss_bytes": st.get("VmHWM"), "rss_bytes": st.get("VmRSS"),
+                          "rss_anon_bytes": st.get("RssAnon"), "rss_file_bytes": st.get("RssFile"),
+                          "seconds": round(now - self._t, 3), "peak_is_per_phase": self._reset()})
+        self._t = now

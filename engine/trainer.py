@@ -121,8 +121,17 @@ class DeepSpeedStepper:
         self.engine.save_checkpoint(str(Path(directory).parent), tag=Path(directory).name, save_latest=False)
 
     def load(self, directory: Path) -> None:
-        """Collective. DeepSpeed restores the module, optimizer, lr scheduler and its step counters."""
-        path, _ = self.engine.load_checkpoint(str(Path(directory).parent), tag=Path(directory).name)
+        """Collective. DeepSpeed restores the module, optimizer, lr scheduler and its step counters.
+        Its files are memory-mapped (torch.load's mmap default, for this call only): the optimizer
+        states it loads replace the ones the engine made at start-up instead of coexisting with
+        them in anonymous memory, so a rank's peak while resuming is its training state, not twice it."""
+        from torch.utils.serialization import config
+
+        mmap, config.load.mmap = config.load.mmap, True
+        try:
+            path, _ = self.engine.load_checkpoint(str(Path(directory).parent), tag=Path(directory).name)
+        finally:
+            config.load.mmap = mmap
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint to load in {directory}")
 

@@ -231,7 +231,9 @@ def _args(data: Path, ckpt: Path, out: Path, batch: int, *extra) -> list:
     return ["--model", "tiny-vit", "--pretrained", str(ckpt), "--forget-data", str(data / "forget"),
             "--retain-data", str(data / "retain"), "--eval-data", str(data / "eval"), "--forget-classes", "circle",
             "--steps", "3", "--batch-size", str(batch), "--lr", "1e-4", "--output-dir", str(out), "--no-progress",
-            "--set", "log_every=1", "--set", "warmup_steps=2", *extra]
+            "--set", "log_every=1", "--set", "warmup_steps=2",
+            # fp32 cache rows: the ZeRO-3 run's live teacher is compared with them to float rounding
+            "--set", "teacher_cache_precision=fp32", *extra]
 
 
 def _free_port() -> int:

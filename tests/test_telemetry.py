@@ -1,6 +1,7 @@
 """GPU telemetry against a fake NVML with known readings, the real no-NVML path, and the
 data-wait timer on a fake clock."""
 import logging
+import os
 import sys
 import time
 from types import SimpleNamespace
@@ -177,3 +178,23 @@ def test_data_wait_fraction_on_a_fake_clock(monkeypatch):
     assert timer.wait_s == 7.0 and timer.fetches == 4
     timer.reset()
     assert timer.summary()["steps"] == 0 and timer.fraction is None
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/self/status"), reason="reads Linux /proc")
+def test_memory_phases_peak_is_per_phase():
+    """A phase's peak counts its own allocations: 256 MiB allocated and freed inside the first
+    phase raise its peak, not the second's (the kernel's high-water mark is reset between)."""
+    import torch
+
+    from cliperase.engine.telemetry import MemoryPhases
+
+    phases = MemoryPhases()
+    big = torch.ones(64 * 1024 * 1024)  # 256 MiB, touched
+    del big
+    phases.end("spike")
+    phases.end("quiet", step=2)
+    spike, quiet = phases.rows
+    assert spike["phase"] == "spike" and quiet["phase"] == "quiet" and quiet["step"] == 2
+    assert spike["peak_is_per_phase"]
+    assert spike["peak_rss_bytes"] > spike["rss_bytes"] + 200 * 2**20  # the spike, gone by the phase's end
+    assert quiet["peak_rss_bytes"] < spike["peak_rss_bytes"] - 200 * 2**20  # not carried into the next phase

@@ -48,14 +48,17 @@ class PairStream(torch.utils.data.IterableDataset):
 
     `position` (a dict) says where this reader is after the batch: what `start` takes back
     (through `Batches.state()`) to continue the stream where it stopped, on resume. Its "ids"
-    entry identifies the batch's samples (`Batches.last_ids`): a teacher cache looks them up.
+    entry identifies the batch's samples (`Batches.last_ids`). `teacher`, when given, is called
+    with those ids where the batch is built (in the loader worker) and its rows travel with the
+    batch (`Batches.last_teacher`): a teacher cache's memory-mapped rows (teacher_cache.ShardRows).
     Raises ConfigError when an epoch holds no usable sample (or a reader finds none of its own
     in three epochs).
     """
 
     def __init__(self, shards: Sequence[str], preprocess: Callable, tokenizer: Callable, batch_size: int,
                  *, seed: int = 0, shuffle_buffer: int = 1000, what: str = "data", rank: int = 0, world: int = 1,
-                 start: Optional[dict] = None, resampled: bool = False, split: str = "auto"):
+                 start: Optional[dict] = None, resampled: bool = False, split: str = "auto",
+                 teacher: Optional[Callable[[Tensor], Tensor]] = None):
         if not 0 <= rank < world:
             raise ValueError(f"rank: expected 0 <= rank < world ({world}), got {rank}")
         if split not in DATA_SPLITS:
@@ -68,6 +71,7 @@ class PairStream(torch.utils.data.IterableDataset):
         self.tokenizer = FastTokenizer(tokenizer)  # open_clip's tokens, exactly, at a tenth of the time
         self.batch_size, self.seed, self.shuffle_buffer, self.what = batch_size, seed, shuffle_buffer, what
         self.rank, self.world, self.start, self.resampled, self.split = rank, world, start, resampled, split
+        self.teacher = teacher
 
     def by_shard(self, readers: int) -> bool:
         """Whether `readers` readers split this stream by shard (else by sample; one reader has
@@ -155,6 +159,8 @@ class PairStream(torch.utils.data.IterableDataset):
                                 "skipped": {k: counts[k] for k in SKIP_KINDS if counts[k]},
                                 "bad_shards": bad_shards}
                     position["ids"] = torch.tensor(ids, dtype=torch.int64)
+                    if self.teacher is not None:
+                        position["teacher"] = self.teacher(position["ids"])
                     yield (batch if batch is not None else torch.stack(images)), self.tokenizer(texts), position
                     images, texts, ids = [], [], []
                     batch = self.fast.empty_batch(self.batch_size) if self.fast else None
@@ -204,6 +210,8 @@ class Batches:
         self.readers: Dict[str, dict] = {k: dict(v) for k, v in (start or {}).get("readers", {}).items()}
         # (B, 2) int64 of the last batch: each sample's (index in the stream's shard list, __ordinal__)
         self.last_ids: Optional[Tensor] = None
+        # The stream's `teacher` rows of the last batch (B, 2, d), as stored; None without one
+        self.last_teacher: Optional[Tensor] = None
 
     def __iter__(self) -> "Batches":
         return self
@@ -220,6 +228,7 @@ class Batches:
                 raise ConfigError(text[text.rindex(marker) + len(marker):].strip().splitlines()) from None
             raise
         self.last_ids = position.pop("ids")
+        self.last_teacher = position.pop("teacher", None)
         self.readers[str(position.pop("role"))] = position
         self.consumed += 1
         return self._finish(images), tokens

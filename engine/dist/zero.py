@@ -20,13 +20,14 @@ from ..models import Towers
 from ..trainer import DeepSpeedStepper, TorchStepper, make_optimizer
 from . import launched
 from .ds_config import build_ds_config
+from .partitioned import ShardedOriginal, gather_full_state, release_optimizer_state, sharded_engine
 
 if TYPE_CHECKING:
     from ..config import UnlearnConfig
 
-__all__ = ["uses_deepspeed", "init_process_group", "Training", "build_training", "full_state_dict"]
+__all__ = ["uses_deepspeed", "init_process_group", "Training", "build_training", "full_state_dict", "PRECISION_DTYPES"]
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def uses_deepspeed(cfg: "UnlearnConfig") -> bool:
@@ -90,7 +91,8 @@ def _unlink_shm_allreduce_segments() -> None:
 def _scalar_params_for_deepspeed(clip: nn.Module) -> Dict[str, torch.Size]:
     """DeepSpeed's start-up broadcast fails on 0-dim parameters (PITFALLS 1), and open_clip's
     logit_scale is one: a frozen 0-dim parameter becomes a buffer, a trained one a 1-element
-    parameter. Returns {name: original shape} of the changed ones, to restore on export."""
+    parameter (partitioned.assemble gives it back its shape on export). Returns {name: original
+    shape} of the changed ones."""
     changed = {}
     for name, param in list(clip.named_parameters(recurse=False)):
         if param.dim() != 0:
@@ -114,7 +116,6 @@ class Training:
     encode_teacher: Callable
     towers: Optional[Towers] = None  # DeepSpeed: the wrapped student
     buffers: Dict[str, Tensor] = field(default_factory=dict)  # DeepSpeed: state-dict entries never trained
-    shapes: Dict[str, torch.Size] = field(default_factory=dict)  # DeepSpeed: 0-dim parameters reshaped for it
 
 
 def build_training(cfg: "UnlearnConfig", student: nn.Module, teacher: Optional[nn.Module], *, live_teacher: bool,
@@ -132,49 +133,39 @@ def build_training(cfg: "UnlearnConfig", student: nn.Module, teacher: Optional[n
     ds_config = build_ds_config(cfg, world)
     if ds_config_path is not None:
         write_json(ds_config, ds_config_path)
-    shapes = _scalar_params_for_deepspeed(student)
+    _scalar_params_for_deepspeed(student)
     # The state dict's buffers (BN statistics, a frozen logit_scale) are never trained: kept as loaded.
     params = {k for k, _ in student.named_parameters()}
     buffers = {k: v.detach().cpu().clone() for k, v in student.state_dict().items() if k not in params}
-    towers = Towers(student, zero3=cfg.zero_stage == 3, input_dtype=_DTYPES.get(cfg.precision, torch.float32))
+    towers = Towers(student, zero3=cfg.zero_stage == 3, input_dtype=PRECISION_DTYPES.get(cfg.precision, torch.float32))
     # A client torch AdamW (no JIT-built DeepSpeed Adam) and the engine's own lr schedule.
     engine, *_ = deepspeed.initialize(model=towers, optimizer=make_optimizer(towers.parameters(), cfg.lr, cfg.weight_decay),
                                       config=ds_config,
                                       lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_fn))
-    if teacher is not None and live_teacher and cfg.zero_stage == 3:
+    if isinstance(teacher, ShardedOriginal):  # built partitioned (dist.partitioned): already an engine
+        encode_teacher = teacher.encode
+    elif teacher is not None and live_teacher and cfg.zero_stage == 3:
         encode_teacher = _sharded_teacher(teacher, ds_config, towers.input_dtype)
-    return Training(engine, DeepSpeedStepper(engine), encode_teacher, towers, buffers, shapes)
+    return Training(engine, DeepSpeedStepper(engine), encode_teacher, towers, buffers)
 
 
 def _sharded_teacher(teacher: nn.Module, ds_config: dict, dtype: torch.dtype) -> Callable:
     """A live teacher under ZeRO-3 inference: its parameters sharded across ranks like the
     student's and gathered layer by layer in its forward, in the run's precision; no optimizer.
     (The cache, the default, needs no teacher at all during training.)"""
-    import deepspeed
-
     _scalar_params_for_deepspeed(teacher)
-    teacher_towers = Towers(teacher, zero3=True, input_dtype=dtype)
-    config = {k: v for k, v in ds_config.items() if k not in ("gradient_clipping", "zero_allow_untested_optimizer")}
-    engine, *_ = deepspeed.initialize(model=teacher_towers, config=config)
-    engine.eval()
+    engine = sharded_engine(teacher, ds_config, dtype)
     return lambda x, t: engine(x, t)[:2]
 
 
-def full_state_dict(training: Training) -> Dict[str, Tensor]:
-    """The whole model's fp32 state dict, on every rank (collective under ZeRO: every rank calls
-    it). Parameters come from the optimizer's fp32 master copy where DeepSpeed keeps one (ZeRO
-    1-3, bf16), else from the module; buffers (never trained) are the original model's."""
-    import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    shapes = training.shapes
-    state = {}
-    for name, param in training.towers.clip.named_parameters():
-        full = safe_get_full_fp32_param(param) if param.requires_grad else None
-        if full is None:
-            with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
-                full = param.detach().clone()
-        state[name] = full.detach().float().cpu().reshape(shapes.get(name, full.shape))
-    for name, value in training.buffers.items():
-        state[name] = value.reshape(shapes.get(name, value.shape))
-    return state
+def full_state_dict(training: Training, *, keep: bool) -> Optional[Dict[str, Tensor]]:
+    """The whole model's fp32 state dict, on the ranks with `keep` (None on the others). Collective
+    under ZeRO: every rank calls it, each parameter is gathered in turn and dropped at once where
+    not kept. Parameters come from the optimizer's fp32 master copy where DeepSpeed keeps one
+    (ZeRO 1-3, bf16), else from the module; buffers (never trained) are the original model's.
+    The Adam moments are released first: training is over, and the last checkpoint holds them."""
+    release_optimizer_state(training.stepper.engine)
+    params = gather_full_state(training.towers.clip, keep=keep)
+    if not keep:
+        return None
+    return {**params, **training.buffers}  # a reshaped logit_scale goes back to 0-dim in partitioned.assemble

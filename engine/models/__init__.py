@@ -13,9 +13,9 @@ works in any process that called `register_configs()`:
 from ..lazy import lazy_exports
 
 __all__ = ["LoadedModel", "CONFIG_DIR", "register_configs", "available_models", "model_names", "check_model_spec",
-           "checkpoint_file_problems", "load_model", "Towers", "train_mode"]
+           "checkpoint_file_problems", "load_model", "load_empty", "Towers", "train_mode"]
 
 _EXPORTS = {"LoadedModel": "registry", "CONFIG_DIR": "registry", "register_configs": "registry",
             "available_models": "registry", "model_names": "specs", "check_model_spec": "check",
-            "checkpoint_file_problems": "specs", "load_model": "loading", "Towers": "towers", "train_mode": "towers"}
+            "checkpoint_file_problems": "specs", "load_model": "loading", "load_empty": "loading", "Towers": "towers", "train_mode": "towers"}
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

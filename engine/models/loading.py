@@ -15,7 +15,7 @@ from .hf import load_hf_clip
 from .registry import LoadedModel, _brief, _quiet_random_init, register_configs
 from .check import check_model_spec
 
-__all__ = ["load_model"]
+__all__ = ["load_model", "load_empty"]
 
 
 def _hub_reachable(timeout: float = 2.0) -> bool:
@@ -79,3 +79,43 @@ def load_model(name: str, pretrained: Optional[str] = None, *, device: str | tor
         raise
     model.eval()
     return LoadedModel(model, preprocess, open_clip.get_tokenizer(name), name, pretrained)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Every parameter registered meanwhile lives on the meta device (shape and dtype, no storage);
+    buffers stay real: the causal attention mask is built in __init__ and is not in checkpoints.
+    Each parameter's initial value exists for one statement at most, so a model of any size is
+    built in the memory of its largest tensor, and its random init is skipped."""
+    import open_clip.factory as factory
+
+    original, place = torch.nn.Module.register_parameter, factory._set_model_device_and_precision
+
+    def register(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    # create_model ends with model.to(device), which meta parameters refuse; fp32 on the CPU,
+    # where the buffers were built, is where it would leave them anyway (open_clip 3.3).
+    torch.nn.Module.register_parameter, factory._set_model_device_and_precision = register, lambda *a, **k: None
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter, factory._set_model_device_and_precision = original, place
+
+
+def load_empty(name: str) -> LoadedModel:
+    """The open_clip architecture `name` with its parameters on the meta device (to be filled from
+    a checkpoint: ZeRO-3 shards, or a consolidated state dict), real buffers, its preprocessing and
+    tokenizer. Raises ConfigError for an unknown name."""
+    import open_clip
+
+    problems = check_model_spec(name, None)
+    if problems:
+        raise ConfigError(problems)
+    register_configs()
+    with _parameters_on_meta(), _quiet_random_init(True):
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device="cpu")
+    model.eval()
+    return LoadedModel(model, preprocess, open_clip.get_tokenizer(name), name, None)

@@ -1,6 +1,8 @@
 """The student in training: the forward DeepSpeed wraps, and its training mode."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -29,12 +31,14 @@ class Towers(nn.Module):
             for param in clip.parameters(recurse=False):
                 deepspeed.zero.register_external_parameter(self, param)
 
-    def forward(self, images: Tensor, texts: Tensor):
-        img = self.clip.encode_image(images.to(self.input_dtype))
-        txt = self.clip.encode_text(texts)
+    def forward(self, images: Optional[Tensor], texts: Optional[Tensor]):
+        """Either input may be None (a frozen original's evaluation embeds one tower at a time);
+        its features are then None."""
+        img = self.clip.encode_image(images.to(self.input_dtype)).float() if images is not None else None
+        txt = self.clip.encode_text(texts).float() if texts is not None else None
         scale = self.clip.logit_scale
         scale = scale.exp().reshape(()) if scale.requires_grad else None
-        return img.float(), txt.float(), scale
+        return img, txt, scale
 
 
 def train_mode(model: nn.Module) -> None:
