@@ -8,8 +8,19 @@ costs a torch import (seconds) per test on a 2-core CI machine. With CUDA nothin
 same tests compile the kernels for the GPU.
 """
 import os
+import shutil
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The embedded demo's cache (data and a 500-step pretraining) goes to a folder of the session,
+# never the checkout's .cache: a test that prepares the demo by accident pays for it visibly here
+# instead of writing into the working tree. Tests that want the demo build it where they say.
+os.environ["CLIPERASE_CACHE"] = tempfile.mkdtemp(prefix="cliperase-test-cache-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(os.environ["CLIPERASE_CACHE"], ignore_errors=True)

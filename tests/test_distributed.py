@@ -87,8 +87,10 @@ def test_bad_scale_fields_are_each_named(tmp_path):
 def test_cli_flags_reach_the_config(tmp_path):
     f = tmp_path / "ds.json"
     f.write_text("{}")
+    # --forget-data: a data flag, so that the config is the flags' own, not the embedded demo's
     args = cli.build_parser().parse_args(["--zero-stage", "2", "--precision", "bf16", "--grad-checkpointing",
-                                          "--accum-steps", "3", "--deepspeed-config", str(f), "--set", "grad_clip=0.5"])
+                                          "--accum-steps", "3", "--deepspeed-config", str(f), "--set", "grad_clip=0.5",
+                                          "--forget-data", str(tmp_path)])
     cfg = cli.config_from_args(args)
     assert (cfg.zero_stage, cfg.precision, cfg.grad_checkpointing, cfg.accum_steps, cfg.deepspeed_config, cfg.grad_clip) \
         == (2, "bf16", True, 3, str(f), 0.5)

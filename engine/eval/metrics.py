@@ -161,7 +161,8 @@ def zeroshot_breakdown(image_emb: Tensor, classifier: Tensor, labels: Tensor, at
     if not (len(image_emb) == len(labels) == len(attributes)):
         raise ValueError(f"image_emb, labels, attributes: expected equal lengths, got "
                          f"{len(image_emb)}, {len(labels)}, {len(attributes)}")
-    pred = (image_emb @ classifier.T).argmax(dim=1) if len(image_emb) else labels
+    # zeroshot_accuracy's prediction and count, so that a breakdown of the forget part equals its acc1
+    pred = (100.0 * image_emb @ classifier.T).topk(1, 1, True, True).indices[:, 0] if len(image_emb) else labels
     out: Dict[str, Dict[str, dict]] = {}
     for c in classes if classes is not None else classnames:
         idx = classnames.index(c)
@@ -169,6 +170,6 @@ def zeroshot_breakdown(image_emb: Tensor, classifier: Tensor, labels: Tensor, at
         for i in torch.nonzero(labels == idx).flatten().tolist():
             if by in attributes[i]:
                 groups.setdefault(str(attributes[i][by]), []).append(i)
-        out[c] = {v: {"acc": (pred[rows] == idx).float().mean().item(), "n": len(rows)}
+        out[c] = {v: {"acc": (pred[rows] == idx).sum().item() / len(rows), "n": len(rows)}
                   for v, rows in sorted(groups.items())}
     return out
