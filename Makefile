@@ -19,17 +19,14 @@ GPU_CHECK_DEPS ?= $(STAMP)
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints/cpu.txt -e '.[dev,xdist,triton,hf]'
+	$(PY) -m pip install -q -c constraints/cpu.txt -e '.[dev,triton,hf]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) launch/unlearn.py
 
-# One worker per core, each test file whole on one worker (its module fixtures built once).
-TEST_WORKERS ?= auto
-
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks --benchmark-enable --benchmark-json=benchmarks/results/latest-cpu.json

@@ -184,13 +184,17 @@ def test_data_wait_fraction_on_a_fake_clock(monkeypatch):
 def test_memory_phases_peak_is_per_phase():
     """A phase's peak counts its own allocations: 256 MiB allocated and freed inside the first
     phase raise its peak, not the second's (the kernel's high-water mark is reset between)."""
-    import torch
+    import mmap
 
     from cliperase.engine.telemetry import MemoryPhases
 
     phases = MemoryPhases()
-    big = torch.ones(64 * 1024 * 1024)  # 256 MiB, touched
-    del big
+    # An anonymous map: always new pages. (A tensor may reuse memory the allocator kept resident
+    # from earlier tests in the same worker, and then no RSS moves.)
+    big = mmap.mmap(-1, 256 * 2**20)
+    for at in range(0, len(big), 4096):
+        big[at] = 1  # touched, so resident
+    big.close()
     phases.end("spike")
     phases.end("quiet", step=2)
     spike, quiet = phases.rows
