@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cliperase.engine.telemetry import proc_status
+
 REPO = Path(__file__).resolve().parent.parent
 
 D, SHARD, BATCH, STEPS, WORKERS = 1024, 2_000, 256, 60, 2
@@ -83,18 +85,6 @@ def make_corpus(root: Path, n: int) -> dict:
             "cache_bytes": sum(Path(f).stat().st_size for f in files)}
 
 
-def _status(pid: int) -> dict:
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            k, _, v = line.partition(":")
-            if k in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
-                out[k] = int(v.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
-
-
 def _children(pid: int) -> list:
     try:
         return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -114,7 +104,7 @@ class Sampler(threading.Thread):
         while not self.stop.is_set():
             total = 0
             for pid in [me] + _children(me):
-                st = _status(pid)
+                st = proc_status(pid)
                 total += st.get("RssAnon", 0) + st.get("RssFile", 0) + st.get("RssShmem", 0)
                 if "VmHWM" in st:
                     self.hwm[pid] = max(self.hwm.get(pid, 0), st["VmHWM"])
@@ -137,7 +127,7 @@ def read_run(spec_path: str) -> dict:
     stream = PairStream(spec["tars"], preprocess, tokenizer, BATCH, seed=0, shuffle_buffer=1000, teacher=rows,
                         split="shard")
     weight = torch.randn(D, D) / D ** 0.5  # the "model": what the rows meet on the device
-    before = _status(os.getpid())
+    before = proc_status(os.getpid())
     sampler = Sampler()
     sampler.start()
     t0 = time.perf_counter()

@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
-__all__ = ["GpuSampler", "DataWaitTimer", "MemoryPhases", "METRICS", "tensorboard_writer"]
+__all__ = ["GpuSampler", "DataWaitTimer", "MemoryPhases", "METRICS", "proc_status", "tensorboard_writer"]
 
 log = logging.getLogger("cliperase.telemetry")
 
@@ -273,11 +273,12 @@ def tensorboard_writer(log_dir):
     return SummaryWriter(str(log_dir))
 
 
-def _proc_status() -> Dict[str, int]:
-    """VmHWM, VmRSS, RssAnon, RssFile, RssShmem of this process in bytes (Linux), else {}."""
+def proc_status(pid="self") -> Dict[str, int]:
+    """VmHWM, VmRSS, RssAnon, RssFile, RssShmem of process `pid` (this one by default) in bytes
+    (Linux), else {} (also when the process is gone)."""
     out = {}
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
                 key, _, rest = line.partition(":")
                 if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
@@ -311,7 +312,7 @@ class MemoryPhases:
 
     def end(self, phase: str, **extra) -> None:
         """Close `phase` (extra: e.g. step=3, kept in its row)."""
-        st = _proc_status()
+        st = proc_status()
         if not st:
             return
         now = time.perf_counter()
