@@ -162,8 +162,8 @@ def run(model_name: str, pairs: int, reps: int, warmup: int, phase_reps: int, ro
                         retain_data=str(data / "retain"), eval_data=str(data / "eval"), forget_classes=("circle",),
                         method="cliperase", teacher="cache", steps=total_steps, batch_size=per_stream, lr=1e-6,
                         log_every=10 ** 6, save_every=0, eval_batch_size=8, device="cpu",
-                        output_dir=str(root / "run"), overwrite=True, resampled=True)
-    recipe = UnlearnRecipe(cfg, progress=False, data_workers=0)
+                        output_dir=str(root / "run"), overwrite=True, resampled=True, data_workers=0)
+    recipe = UnlearnRecipe(cfg, progress=False)
     recipe.setup()
     setup_s = time.perf_counter() - t0
     model = recipe.student

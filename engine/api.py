@@ -17,7 +17,7 @@ __all__ = ["unlearn"]
 log = logging.getLogger("cliperase")
 
 
-def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1) -> Optional[dict]:
+def unlearn(cfg: UnlearnConfig, *, progress: bool = True) -> Optional[dict]:
     """Unlearn `cfg.forget_data` from `cfg.model` and report before/after metrics.
 
     Checks the whole config first (ConfigError lists every problem, before any model is
@@ -43,4 +43,4 @@ def unlearn(cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1)
     """
     for warning in check(cfg):
         log.warning(warning)
-    return recipe.UnlearnRecipe(cfg, progress=progress, data_workers=data_workers).run()
+    return recipe.UnlearnRecipe(cfg, progress=progress).run()

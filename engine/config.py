@@ -70,6 +70,10 @@ class UnlearnConfig:
     # How ranks x data workers divide a stream: "shard" (each reads only its shards: for big corpora),
     # "sample" (each reads every shard, decodes its samples: any shard count), "auto" (shard at >= 4 shards a reader)
     data_split: str = "auto"
+    # Data-loader worker processes per rank and stream (0: decode in the rank's own process). Each
+    # costs the memory of a process that imported torch (~0.4 GB): on a CPU-only box at full model
+    # size, 0 leaves that to the model; a GPU run wants enough to keep the device fed.
+    data_workers: int = 1
     # --- every method's losses
     # Contrastive losses (retain and forget InfoNCE, and the consistency KL on the same support):
     # an off-diagonal pair whose captions are identical ("a circle" twice) is not a negative.

@@ -87,6 +87,7 @@ def _value_problems(cfg: UnlearnConfig) -> List[str]:
                          for n in ("steps", "batch_size", "log_every", "eval_batch_size", "accum_steps")),
                        checks.positive_number("lr", cfg.lr), checks.nonneg_number("weight_decay", cfg.weight_decay),
                        checks.nonneg_int("save_every", cfg.save_every),
+                       checks.nonneg_int("data_workers", cfg.data_workers),
                        checks.positive_int("keep_checkpoints", cfg.keep_checkpoints),
                        checks.nonneg_int("eval_every", cfg.eval_every),
                        checks.nonneg_int("warmup_steps", cfg.warmup_steps),

@@ -54,8 +54,8 @@ class UnlearnRecipe:
     under DeepSpeed); only rank 0 evaluates and writes the run's files. See engine.api.unlearn
     for what is written."""
 
-    def __init__(self, cfg: UnlearnConfig, *, progress: bool = True, data_workers: int = 1):
-        self.cfg, self.progress, self.data_workers = cfg, progress, data_workers
+    def __init__(self, cfg: UnlearnConfig, *, progress: bool = True):
+        self.cfg, self.progress = cfg, progress
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / CHECKPOINTS
         self.method = get_method(cfg)
@@ -70,6 +70,9 @@ class UnlearnRecipe:
         except (Interrupted, NonFiniteLoss, OSError, ConfigError) as exc:  # ConfigError: e.g. every shard vanished
             self._record_failure(exc)
             raise
+        finally:
+            for batches in self.streams.values():  # their workers are done: free them before the evaluation
+                batches.close()
         return self.finish()
 
     # --- setup -------------------------------------------------------------------------------
@@ -262,7 +265,7 @@ class UnlearnRecipe:
                             seed=seed + (_HOOK_SEED_OFFSET if hook else 0), what=what, rank=self.rank,
                             world=self.world, start=start, resampled=cfg.resampled, split=cfg.data_split,
                             teacher=None if hook or name not in self.caches else self.caches[name].rows)
-        return loader(stream, 0 if hook else self.data_workers, pin_memory=self.device.type == "cuda",
+        return loader(stream, 0 if hook else cfg.data_workers, pin_memory=self.device.type == "cuda",
                       device=self.device)
 
     # --- train -------------------------------------------------------------------------------

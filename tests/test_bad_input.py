@@ -318,15 +318,16 @@ def test_problems_reports_every_field_without_the_cli(tiny_data, tmp_path):
     """The same checks from Python: wrong types that only a JSON config can carry."""
     cfg = UnlearnConfig(model=7, pretrained=["x"], forget_data=3, retain_data=str(tiny_data / "retain"),
                         eval_data=str(tiny_data / "eval"), forget_classes=("circle", 5), output_dir=str(tmp_path / "o"),
-                        mask_duplicate_captions="yes", train_logit_scale=1, warmup_steps=True)
+                        mask_duplicate_captions="yes", train_logit_scale=1, warmup_steps=True, data_workers=-1)
     problems = preflight.problems(cfg)
     for needle in ("model: expected a non-empty string, got 7", "pretrained: expected a string (a path), got ['x']",
                    "forget_data: expected a string (a path), got 3", "forget_classes: expected a list of class names",
                    "mask_duplicate_captions: expected true or false, got 'yes'",
                    "train_logit_scale: expected true or false, got 1",
-                   "warmup_steps: expected a non-negative integer, got True"):
+                   "warmup_steps: expected a non-negative integer, got True",
+                   "data_workers: expected a non-negative integer, got -1"):
         assert sum(needle in p for p in problems) == 1, (needle, problems)
-    assert len(problems) == 7, problems
+    assert len(problems) == 8, problems
 
 
 def test_retrieval_only_eval_set_needs_no_classnames(tiny_data, tmp_path):

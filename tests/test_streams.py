@@ -14,6 +14,7 @@ from PIL import Image
 
 from cliperase.engine.data import SKIP_KINDS, PairStream, loader
 from cliperase.engine.errors import ConfigError
+from helpers import tiny_data  # noqa: F401
 
 
 def _png(value: int) -> bytes:
@@ -43,9 +44,12 @@ def _numbers(texts) -> list:
     return [int(t) for t in texts]
 
 
+def _to_tensor(image) -> torch.Tensor:  # module level: workers unpickle the stream (forkserver)
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+
+
 def _stream(shards, batch, **kw):
-    to_tensor = lambda im: torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())  # noqa: E731
-    return PairStream(shards, to_tensor, list, batch, shuffle_buffer=7, **kw)
+    return PairStream(shards, _to_tensor, list, batch, shuffle_buffer=7, **kw)
 
 
 def _take(shards, batch, n_batches, *, workers=0, **kw):
@@ -207,6 +211,8 @@ def test_by_shard_a_damaged_shard_is_counted_once_over_the_readers(tmp_path, mon
     Path(shards[6]).write_bytes(b"this is not a tar archive" * 40)  # samples 24-27 unreadable
     kw = dict(workers=0, world=2, seed=9, split="shard")
     opened = _reads(monkeypatch)
+    slept = []  # the retries' backoff, recorded instead of waited (1.5 s a meeting, 7 meetings here)
+    monkeypatch.setattr("cliperase.engine.data.tar.time.sleep", slept.append)
     runs, openers = [], []
     for rank in range(2):  # several epochs each
         runs.append(_take(shards, 3, 40, rank=rank, **kw))
@@ -217,3 +223,84 @@ def test_by_shard_a_damaged_shard_is_counted_once_over_the_readers(tmp_path, mon
     assert seen == set(range(40)) - {24, 25, 26, 27}
     total = sum(batches.skipped()["unreadable_shard"] for _, batches in runs)
     assert total == 1, [batches.skipped() for _, batches in runs]
+    assert slept == [0.5, 1.0] * sum(openers), "each meeting retried twice, after 0.5 s then 1 s"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_close_stops_the_workers_at_once(tmp_path, workers):
+    """close() ends the DataLoader workers there and then, not whenever the garbage collector
+    frees the iterator (inside a reference cycle that cost a 5 s join per worker)."""
+    import multiprocessing
+
+    got, batches = _take(_write(tmp_path / "d", 40, 10), 4, 2, workers=workers)
+    assert len(got) == 2 and len(multiprocessing.active_children()) == workers
+    batches.close()
+    assert multiprocessing.active_children() == []
+    with pytest.raises(StopIteration):
+        next(batches)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_data_workers_reach_the_loader_and_none_outlives_the_run(tiny_data, tmp_path, monkeypatch, workers):  # noqa: F811
+    """`data_workers` worker processes per training stream (forget, retain), none with 0; the run
+    closes its streams before the evaluation, so no worker outlives it."""
+    import multiprocessing
+
+    from cliperase.engine import UnlearnConfig, unlearn
+
+    started = []
+    real = multiprocessing.process.BaseProcess.start
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", lambda p: (started.append(p.name), real(p))[1])
+    d = tiny_data
+    unlearn(UnlearnConfig.from_dict(dict(
+        model="tiny-clip", forget_data=str(d / "forget"), retain_data=str(d / "retain"), eval_data=str(d / "eval"),
+        forget_classes=("circle",), steps=1, batch_size=8, data_workers=workers, output_dir=str(tmp_path / "run"))),
+        progress=False)
+    assert len(started) == 2 * workers, started
+    assert multiprocessing.active_children() == []
+
+
+def test_workers_get_the_stream_pickled_and_a_lambda_is_a_clear_error(tmp_path):
+    """Workers start from a forkserver, not by forking the rank (which would pin the rank's model
+    states copy-on-write): they receive the stream pickled, so a lambda preprocess is refused
+    with what to do, before any batch, and 0 workers (in-process) still take it."""
+    shards = _write(tmp_path / "d", 8, 4)
+    stream = lambda: PairStream(shards, lambda im: _to_tensor(im), list, 2, what="forget_data")  # noqa: E731
+    with pytest.raises(ConfigError, match=r"forget_data: data workers receive the stream pickled.*or use 0 workers"):
+        loader(stream(), 1)
+    assert len(next(loader(stream(), 0))[1]) == 2
+
+
+_KILLED_RANK = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+import test_streams
+from cliperase.engine.data import loader
+batches = loader(test_streams._stream(test_streams._write(test_streams.Path(sys.argv[1]), 8, 4), 2), 1)
+next(batches)
+print(" ".join(str(p.pid) for p in batches._it._workers), flush=True)
+time.sleep(600)
+"""
+
+
+def test_workers_end_when_their_rank_is_killed(tmp_path):
+    """SIGKILL the rank: its workers (children of the forkserver, not of the rank) notice and
+    exit, and the forkserver with them; nothing is left holding memory."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rank = subprocess.Popen([sys.executable, "-c", _KILLED_RANK, str(tmp_path / "d"), str(Path(__file__).parent)],
+                            stdout=subprocess.PIPE, text=True)
+    workers = [int(p) for p in rank.stdout.readline().split()]
+    server = {int(line.split()[0]) for line in subprocess.run(["ps", "-eo", "pid,ppid"], capture_output=True,
+              text=True).stdout.splitlines()[1:] if int(line.split()[1]) == rank.pid} - set(workers)
+    assert len(workers) == 1 and server, "a worker, and the forkserver it came from"
+    rank.send_signal(signal.SIGKILL)
+    rank.wait()
+    left, deadline = [*workers, *server], time.monotonic() + 60
+    while left and time.monotonic() < deadline:
+        left = [p for p in left if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]]
+        time.sleep(0.2)
+    assert not left, f"outlived their rank: {left}"

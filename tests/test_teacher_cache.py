@@ -65,7 +65,7 @@ def test_cache_gives_the_live_teachers_losses(tiny_data, tiny_checkpoint, tmp_pa
     for teacher in ("live", "cache"):
         out = tmp_path / teacher
         unlearn(_cfg(tiny_data, tiny_checkpoint, out, method=method, teacher=teacher,
-                     teacher_cache_precision=precision), progress=False, data_workers=0)
+                     teacher_cache_precision=precision, data_workers=0), progress=False)
         runs[teacher] = out
     live, cached = _losses(runs["live"]), _losses(runs["cache"])
     assert len(live) == len(cached) == 4
