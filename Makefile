@@ -25,8 +25,9 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 demo: $(STAMP)
 	$(PY) launch/unlearn.py
 
+# The slowest tests are listed at the end, so a CI log shows where the suite's time goes.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks --benchmark-enable --benchmark-json=benchmarks/results/latest-cpu.json
