@@ -71,13 +71,39 @@ def mem_available_gib() -> float:
     return round(kib / 1024 ** 2, 2)
 
 
-def unlearn_args(model: str, ckpt: Path, data: Path, out: Path, cfg: Path, steps: int) -> list:
-    return ["--model", model, "--pretrained", str(ckpt), "--zero-stage", "3", "--precision", "bf16",
+def unlearn_args(model: str, ckpt: Path, data: Path, out: Path, cfg: Path, steps: int, precision: str) -> list:
+    return ["--model", model, "--pretrained", str(ckpt), "--zero-stage", "3", "--precision", precision,
             "--grad-checkpointing", "--forget-data", str(data / "forget"), "--retain-data", str(data / "retain"),
             "--eval-data", str(data / "eval"), "--forget-classes", "circle", "--batch-size", "2",
             "--steps", str(steps), "--save-every", "2", "--lr", "1e-4", "--output-dir", str(out), "--no-progress",
             "--deepspeed-config", str(cfg), "--set", "log_every=1", "--set", "keep_checkpoints=1",
-            "--set", "eval_batch_size=8", "--set", "warmup_steps=0"]
+            "--set", "eval_batch_size=8", "--set", "warmup_steps=0",
+            # no data-loader processes: each is ~0.4 GB that a 24 GiB box running 2 ViT-H ranks lacks,
+            # and 2 + 2 pairs a step are decoded in milliseconds
+            "--set", "data_workers=0"]
+
+
+def matmul_rates() -> dict:
+    """GFLOP/s of one 1024^3 matmul per dtype, one thread: why bf16 steps crawl on a CPU without
+    bf16 arithmetic (AVX2 only), where fp32 is the way to finish the run at full model size."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rates = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+        a @ b
+        t0, reps = time.perf_counter(), 0
+        while time.perf_counter() - t0 < 2.0:
+            a @ b
+            reps += 1
+        rates[name] = round(2 * 1024 ** 3 * reps / (time.perf_counter() - t0) / 1e9, 1)
+    torch.set_num_threads(threads)
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    rates["cpu_bf16_flags"] = sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
+    return rates
 
 
 def _free_port() -> int:
@@ -144,8 +170,9 @@ def memory_rows(out: Path) -> dict:
 
 def plan(n_params: int, ranks: int) -> dict:
     """The README memory plan: ZeRO-3 + bf16 holds 2 (bf16 weights) + 2 (gradients) + 12 (fp32
-    master + Adam moments) bytes/param divided by the ranks; the teacher costs nothing with the
-    cache. Activations at batch 2 + 2 with grad checkpointing are a few MB and left out."""
+    master + Adam moments) bytes/param divided by the ranks, and fp32 4 + 4 + 8: 16 either way;
+    the teacher costs nothing with the cache. Activations at batch 2 + 2 with grad checkpointing
+    are a few MB and left out."""
     return {"bytes_per_param_per_rank": 16 / ranks, "model_state_bytes_per_rank": 16 * n_params / ranks}
 
 
@@ -167,11 +194,12 @@ def summarize(result: dict) -> dict:
     return out
 
 
-def run_one(model: str, ranks: int, ckpt: Path, data: Path, work: Path, cfg: Path, steps: int, resume: bool) -> dict:
+def run_one(model: str, ranks: int, ckpt: Path, data: Path, work: Path, cfg: Path, steps: int, resume: bool,
+            precision: str) -> dict:
     """`resume`: kill after the step-2 checkpoint and resume (else one uninterrupted run)."""
-    out = work / f"run-{model}-{ranks}r"
-    args = unlearn_args(model, ckpt, data, out, cfg, steps)
-    with open(work / f"run-{model}-{ranks}r.log", "w") as log:
+    out = work / f"run-{model}-{ranks}r-{precision}"
+    args = unlearn_args(model, ckpt, data, out, cfg, steps, precision)
+    with open(out.with_suffix(".log"), "w") as log:
         runs = [launch(ranks, args, log, kill_after=out / "checkpoints" / "step_00000002" / "manifest.json"
                        if resume else None)]
         if resume:
@@ -192,6 +220,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--checkpoint", type=Path, help="an open_clip state dict of --model (default: made in --work)")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                   help="the card's bf16, or fp32 where the CPU has no bf16 arithmetic (same 16 B/param plan)")
     p.add_argument("--no-resume", action="store_true", help="one uninterrupted run per rank count (no kill and resume)")
     p.add_argument("--n-forget", type=int, default=4)
     p.add_argument("--n-retain", type=int, default=8)
@@ -215,18 +245,20 @@ def main(argv=None) -> int:
     cfg = a.work / "ds_cpu_zero3.json"
     cfg.write_text(json.dumps(CPU_ZERO3))
     n = sum(v.numel() for v in torch.load(ckpt, map_location="cpu", mmap=True, weights_only=True).values())
-    result = {"model": a.model, "parameters": n, "precision": "bf16", "zero_stage": 3, "batch_per_rank": "2 forget + 2 retain",
+    result = {"model": a.model, "parameters": n, "precision": a.precision, "zero_stage": 3, "batch_per_rank": "2 forget + 2 retain",
               "image_px": 224, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                            "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1)},
               "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__, "deepspeed": deepspeed.__version__},
               "driver": " ".join(["benchmarks/bench_zero3_scale.py", *(argv or sys.argv[1:])]),
               "deepspeed_config": CPU_ZERO3, "loadavg_start": os.getloadavg(),
-              "mem_available_gib_start": mem_available_gib(), "by_ranks": {}}
-    if a.out.is_file() and json.loads(a.out.read_text()).get("model") == a.model:  # add to the other rank counts
-        result["by_ranks"] = json.loads(a.out.read_text())["by_ranks"]
+              "mem_available_gib_start": mem_available_gib(), "matmul_gflops_one_thread": matmul_rates(),
+              "by_ranks": {}}
+    previous = json.loads(a.out.read_text()) if a.out.is_file() else {}
+    if (previous.get("model"), previous.get("precision")) == (a.model, a.precision):  # add to the other rank counts
+        result["by_ranks"] = previous["by_ranks"]
     for r in a.ranks:
         available = mem_available_gib()
-        got = run_one(a.model, r, ckpt, data, a.work, cfg, a.steps, resume=not a.no_resume)
+        got = run_one(a.model, r, ckpt, data, a.work, cfg, a.steps, resume=not a.no_resume, precision=a.precision)
         got["driver"] = result["driver"]
         got["loadavg_start"] = result["loadavg_start"]
         got["mem_available_gib_start"] = available
