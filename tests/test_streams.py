@@ -261,12 +261,12 @@ def test_data_workers_reach_the_loader_and_none_outlives_the_run(tiny_data, tmp_
 
 
 def test_workers_get_the_stream_pickled_and_a_lambda_is_a_clear_error(tmp_path):
-    """Workers start from a forkserver, not by forking the rank (which would pin the rank's model
-    states copy-on-write): they receive the stream pickled, so a lambda preprocess is refused
-    with what to do, before any batch, and 0 workers (in-process) still take it."""
+    """A large rank starts its workers from a forkserver, which sends them the stream pickled; a
+    lambda preprocess is refused with what to do, before any batch, whatever the rank's size
+    (so a run does not break only once its model grows), and 0 workers (in-process) take it."""
     shards = _write(tmp_path / "d", 8, 4)
     stream = lambda: PairStream(shards, lambda im: _to_tensor(im), list, 2, what="forget_data")  # noqa: E731
-    with pytest.raises(ConfigError, match=r"forget_data: data workers receive the stream pickled.*or use 0 workers"):
+    with pytest.raises(ConfigError, match=r"forget_data: data workers may receive the stream pickled.*or use 0 workers"):
         loader(stream(), 1)
     assert len(next(loader(stream(), 0))[1]) == 2
 
@@ -275,7 +275,8 @@ _KILLED_RANK = """
 import sys, time
 sys.path.insert(0, sys.argv[2])
 import test_streams
-from cliperase.engine.data import loader
+from cliperase.engine.data import loader, streams
+streams.FORK_BELOW_BYTES = int(sys.argv[3])
 batches = loader(test_streams._stream(test_streams._write(test_streams.Path(sys.argv[1]), 8, 4), 2), 1)
 next(batches)
 print(" ".join(str(p.pid) for p in batches._it._workers), flush=True)
@@ -283,20 +284,22 @@ time.sleep(600)
 """
 
 
-def test_workers_end_when_their_rank_is_killed(tmp_path):
-    """SIGKILL the rank: its workers (children of the forkserver, not of the rank) notice and
-    exit, and the forkserver with them; nothing is left holding memory."""
+@pytest.mark.parametrize("start", ["fork", "forkserver"])
+def test_workers_end_when_their_rank_is_killed(tmp_path, start):
+    """SIGKILL the rank: its workers (forked, or children of the forkserver, not of the rank)
+    notice and exit, and a forkserver with them; nothing is left holding memory."""
     import signal
     import subprocess
     import sys
     import time
 
-    rank = subprocess.Popen([sys.executable, "-c", _KILLED_RANK, str(tmp_path / "d"), str(Path(__file__).parent)],
-                            stdout=subprocess.PIPE, text=True)
+    threshold = 1 << 60 if start == "fork" else 0
+    rank = subprocess.Popen([sys.executable, "-c", _KILLED_RANK, str(tmp_path / "d"), str(Path(__file__).parent),
+                             str(threshold)], stdout=subprocess.PIPE, text=True)
     workers = [int(p) for p in rank.stdout.readline().split()]
     server = {int(line.split()[0]) for line in subprocess.run(["ps", "-eo", "pid,ppid"], capture_output=True,
               text=True).stdout.splitlines()[1:] if int(line.split()[1]) == rank.pid} - set(workers)
-    assert len(workers) == 1 and server, "a worker, and the forkserver it came from"
+    assert len(workers) == 1 and bool(server) == (start == "forkserver"), (workers, server)
     rank.send_signal(signal.SIGKILL)
     rank.wait()
     left, deadline = [*workers, *server], time.monotonic() + 60
@@ -304,3 +307,19 @@ def test_workers_end_when_their_rank_is_killed(tmp_path):
         left = [p for p in left if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]]
         time.sleep(0.2)
     assert not left, f"outlived their rank: {left}"
+
+
+@pytest.mark.parametrize("threshold, forked", [(1 << 60, True), (0, False)])
+def test_a_large_rank_starts_its_workers_from_a_forkserver(tmp_path, monkeypatch, threshold, forked):
+    """Under FORK_BELOW_BYTES of anonymous memory the worker is the rank's fork; at or over it, a
+    forkserver's child, so it shares none of the rank's pages."""
+    import os
+
+    from cliperase.engine.data import streams
+
+    monkeypatch.setattr(streams, "FORK_BELOW_BYTES", threshold)
+    got, batches = _take(_write(tmp_path / "d", 8, 4), 2, 1, workers=1)
+    (worker,) = batches._it._workers
+    parent = int(Path(f"/proc/{worker.pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    batches.close()
+    assert got and (parent == os.getpid()) == forked

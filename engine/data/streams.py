@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..telemetry import proc_status
 from .preprocess import FastPreprocess, FastTokenizer
 from .shards import DATA_SPLITS
 from .tar import SKIP_KINDS, ShardReader, decode_image, sample_image
@@ -265,10 +266,10 @@ def _worker_init(rank_pid: int, worker_id: int) -> None:
     stop and the run fail mid-step instead of saving its checkpoint. The main process answers it
     and shuts its workers down. SIGTERM keeps its default: it is how a parent ends its workers.
 
-    A worker is the forkserver's child, not the rank's, and the two keep each other alive (the
-    server's liveness pipe stays open in every child it starts), so torch's watchdog, which
-    watches the worker's parent, never sees a SIGKILLed rank go: worker and server lived on,
-    ~0.9 GB, until someone killed them. Each worker watches the rank itself instead."""
+    A worker started from the forkserver is the server's child, not the rank's, and the two keep
+    each other alive (the server's liveness pipe stays open in every child it starts), so torch's
+    watchdog, which watches the worker's parent, never sees a SIGKILLed rank go: worker and
+    server lived on, ~0.9 GB, until someone killed them. Each worker watches the rank itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with, args=(rank_pid,), name="rank-watch", daemon=True).start()
 
@@ -306,13 +307,20 @@ def split_preprocess(preprocess: Callable) -> Optional[FastPreprocess]:
     return fast if fast.image_size is not None else None
 
 
+# Below this much anonymous memory a rank forks its workers: that is all a fork can pin.
+FORK_BELOW_BYTES = 1 << 30
+
+
 def _worker_context():
-    """Workers fork from a forkserver that has imported this module, never from the rank. A
-    forked child shares the rank's pages copy-on-write, and every page the rank rewrites while the
-    child lives then exists twice: each optimizer step rewrites the model states, which on CPU
-    (or with optimizer offload) are in host memory. ViT-H-14 under ZeRO-3 on 2 CPU ranks was
-    OOM-killed that way in its first step. The server imports torch once per process (a second
-    or two); a worker then starts in milliseconds, inheriting nothing of the rank."""
+    """How workers start. A forked child shares the rank's pages copy-on-write, and every page the
+    rank rewrites while the child lives then exists twice; each optimizer step rewrites the model
+    states, which on CPU (or with optimizer offload) are anonymous host memory. ViT-H-14 under
+    ZeRO-3 on 2 CPU ranks was OOM-killed that way in its first step. So a rank holding
+    FORK_BELOW_BYTES or more starts them from a forkserver that has imported this module (it
+    inherits nothing of the rank; its start costs a torch import, 2-3 s of a short run, which is
+    why small ranks still fork)."""
+    if proc_status().get("RssAnon", 0) < FORK_BELOW_BYTES:
+        return multiprocessing.get_context("fork")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])  # no effect once this process's server runs
     return ctx
@@ -337,12 +345,15 @@ def loader(stream: "PairStream", workers: int, *, pin_memory: bool = False,
                            f"{max(workers, 1)}: resume with the same number"])
     if workers == 0:
         return Batches(iter(stream), 1, stream.start, finish)
-    dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4,
-                                     persistent_workers=False, pin_memory=pin_memory, worker_init_fn=functools.partial(_worker_init, os.getpid()),
-                                     multiprocessing_context=_worker_context())
-    try:
-        it = iter(dl)
+    try:  # whichever way workers start (_worker_context), a stream that only forks is refused alike
+        pickle.dumps(stream)
     except (AttributeError, TypeError, pickle.PicklingError) as exc:  # what pickle raises for a lambda or a lock
-        raise ConfigError([f"{stream.what}: data workers receive the stream pickled, and it does not pickle ({exc}): "
-                           "give PairStream module-level preprocess and tokenizer functions, or use 0 workers"]) from exc
+        raise ConfigError([f"{stream.what}: data workers may receive the stream pickled, and it does not pickle "
+                           f"({exc}): give PairStream module-level preprocess and tokenizer functions, or use 0 "
+                           "workers"]) from exc
+    dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4,
+                                     persistent_workers=False, pin_memory=pin_memory,
+                                     worker_init_fn=functools.partial(_worker_init, os.getpid()),
+                                     multiprocessing_context=_worker_context())
+    it = iter(dl)
     return Batches(it, workers, stream.start, finish)
