@@ -355,5 +355,4 @@ def loader(stream: "PairStream", workers: int, *, pin_memory: bool = False,
                                      persistent_workers=False, pin_memory=pin_memory,
                                      worker_init_fn=functools.partial(_worker_init, os.getpid()),
                                      multiprocessing_context=_worker_context())
-    it = iter(dl)
-    return Batches(it, workers, stream.start, finish)
+    return Batches(iter(dl), workers, stream.start, finish)
