@@ -44,7 +44,7 @@ def _numbers(texts) -> list:
     return [int(t) for t in texts]
 
 
-def _to_tensor(image) -> torch.Tensor:  # module level: workers unpickle the stream (forkserver)
+def _to_tensor(image) -> torch.Tensor:  # module level: the loader pickles the stream for its workers
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
 
 
