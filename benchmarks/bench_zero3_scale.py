@@ -33,11 +33,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 GIB = 1024 ** 3
+
+
 # CPU-sized ZeRO-3 buffers: DeepSpeed's defaults are sized for GPUs (a 5e8-element reduce bucket,
 # optimizer sub-groups of 1e9 elements whose fp32 gradient and AdamW temporaries exist whole at
-# the step). Smaller ones cost a few more collectives and cap those transients at ~0.4 GB.
-CPU_ZERO3 = {"zero_optimization": {"stage": 3, "sub_group_size": 100_000_000, "reduce_bucket_size": 50_000_000,
-                                   "stage3_prefetch_bucket_size": 50_000_000, "stage3_max_live_parameters": 100_000_000}}
+# the step). Smaller ones cost a few more collectives and cap those transients (~0.4 GB at 1e8).
+def cpu_zero3(sub_group: int) -> dict:
+    """The run's DeepSpeed config: `sub_group` elements per optimizer sub-group (whose fp32
+    gradients and AdamW temporaries exist whole at the step) and as many live parameters, half
+    that per reduce and prefetch bucket."""
+    return {"zero_optimization": {"stage": 3, "sub_group_size": sub_group, "reduce_bucket_size": sub_group // 2,
+                                  "stage3_prefetch_bucket_size": sub_group // 2, "stage3_max_live_parameters": sub_group}}
 
 
 def make_data(root: Path, n_forget: int, n_retain: int, n_eval: int) -> Path:
@@ -220,6 +226,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--checkpoint", type=Path, help="an open_clip state dict of --model (default: made in --work)")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--sub-group-size", type=int, default=100_000_000,
+                   help="ZeRO-3 optimizer sub-group (elements); buckets are half of it")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                    help="the card's bf16, or fp32 where the CPU has no bf16 arithmetic (same 16 B/param plan)")
     p.add_argument("--no-resume", action="store_true", help="one uninterrupted run per rank count (no kill and resume)")
@@ -243,14 +251,15 @@ def main(argv=None) -> int:
     data = make_data(a.work / "data", a.n_forget, a.n_retain, a.n_eval)
     ckpt = make_checkpoint(a.model, a.checkpoint or a.work / f"{a.model}.pt")
     cfg = a.work / "ds_cpu_zero3.json"
-    cfg.write_text(json.dumps(CPU_ZERO3))
+    ds_config = cpu_zero3(a.sub_group_size)
+    cfg.write_text(json.dumps(ds_config))
     n = sum(v.numel() for v in torch.load(ckpt, map_location="cpu", mmap=True, weights_only=True).values())
     result = {"model": a.model, "parameters": n, "precision": a.precision, "zero_stage": 3, "batch_per_rank": "2 forget + 2 retain",
               "image_px": 224, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                            "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1)},
               "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__, "deepspeed": deepspeed.__version__},
               "driver": " ".join(["benchmarks/bench_zero3_scale.py", *(argv or sys.argv[1:])]),
-              "deepspeed_config": CPU_ZERO3, "loadavg_start": os.getloadavg(),
+              "deepspeed_config": ds_config, "loadavg_start": os.getloadavg(),
               "mem_available_gib_start": mem_available_gib(), "matmul_gflops_one_thread": matmul_rates(),
               "by_ranks": {}}
     previous = json.loads(a.out.read_text()) if a.out.is_file() else {}
