@@ -90,8 +90,9 @@ def unlearn_args(model: str, ckpt: Path, data: Path, out: Path, cfg: Path, steps
 
 
 def matmul_rates() -> dict:
-    """GFLOP/s of one 1024^3 matmul per dtype, one thread: why bf16 steps crawl on a CPU without
-    bf16 arithmetic (AVX2 only), where fp32 is the way to finish the run at full model size."""
+    """GFLOP/s of one 1024^3 matmul per dtype, one thread, and the CPU's bf16 flags: a bf16 step
+    at full model size finishes only where bf16 runs at least as fast as fp32 (on an AVX2-only
+    CPU it crawled; --precision fp32 is the way there)."""
     import torch
 
     threads = torch.get_num_threads()
@@ -106,9 +107,9 @@ def matmul_rates() -> dict:
             reps += 1
         rates[name] = round(2 * 1024 ** 3 * reps / (time.perf_counter() - t0) / 1e9, 1)
     torch.set_num_threads(threads)
-    with open("/proc/cpuinfo") as f:
-        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    rates["cpu_bf16_flags"] = sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
+    with open("/proc/cpuinfo") as info:
+        flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    rates["cpu_bf16_flags"] = sorted(flag for flag in flags if "bf16" in flag or flag.startswith("amx"))
     return rates
 
 

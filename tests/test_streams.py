@@ -3,6 +3,12 @@ from __future__ import annotations
 
 import io
 import itertools
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -230,8 +236,6 @@ def test_by_shard_a_damaged_shard_is_counted_once_over_the_readers(tmp_path, mon
 def test_close_stops_the_workers_at_once(tmp_path, workers):
     """close() ends the DataLoader workers there and then, not whenever the garbage collector
     frees the iterator (inside a reference cycle that cost a 5 s join per worker)."""
-    import multiprocessing
-
     got, batches = _take(_write(tmp_path / "d", 40, 10), 4, 2, workers=workers)
     assert len(got) == 2 and len(multiprocessing.active_children()) == workers
     batches.close()
@@ -244,8 +248,6 @@ def test_close_stops_the_workers_at_once(tmp_path, workers):
 def test_data_workers_reach_the_loader_and_none_outlives_the_run(tiny_data, tmp_path, monkeypatch, workers):  # noqa: F811
     """`data_workers` worker processes per training stream (forget, retain), none with 0; the run
     closes its streams before the evaluation, so no worker outlives it."""
-    import multiprocessing
-
     from cliperase.engine import UnlearnConfig, unlearn
 
     started = []
@@ -288,11 +290,6 @@ time.sleep(600)
 def test_workers_end_when_their_rank_is_killed(tmp_path, start):
     """SIGKILL the rank: its workers (forked, or children of the forkserver, not of the rank)
     notice and exit, and a forkserver with them; nothing is left holding memory."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
     threshold = 1 << 60 if start == "fork" else 0
     rank = subprocess.Popen([sys.executable, "-c", _KILLED_RANK, str(tmp_path / "d"), str(Path(__file__).parent),
                              str(threshold)], stdout=subprocess.PIPE, text=True)
@@ -313,8 +310,6 @@ def test_workers_end_when_their_rank_is_killed(tmp_path, start):
 def test_a_large_rank_starts_its_workers_from_a_forkserver(tmp_path, monkeypatch, threshold, forked):
     """Under FORK_BELOW_BYTES of anonymous memory the worker is the rank's fork; at or over it, a
     forkserver's child, so it shares none of the rank's pages."""
-    import os
-
     from cliperase.engine.data import streams
 
     monkeypatch.setattr(streams, "FORK_BELOW_BYTES", threshold)
