@@ -12,21 +12,33 @@ STAMP  := $(VENV)/.installed-stamp
 
 # The GPU image's own python3 (torch 2.11, triton 3.6); never this machine's .venv.
 GPU_PYTHON ?= python3
+# The GPU image's Triton (constraints/gpu.txt) beside the venv's: tests/test_triton_tiles.py
+# compiles the shipped tiles with it too, since that is the version that will run them.
+GPU_TRITON_VERSION := $(shell sed -n 's/^triton==//p' constraints/gpu.txt)
+GPU_TRITON := .cache/triton-$(GPU_TRITON_VERSION)
+
 # What the dry run needs first (tests/test_gpu_check.py, already inside the venv, sets it empty).
 GPU_CHECK_DEPS ?= $(STAMP)
 
-.PHONY: demo test bench clean gpu-wheels gpu-check
+.PHONY: demo test bench clean gpu-wheels gpu-check gpu-triton
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints/cpu.txt -e '.[dev,triton,hf]'
 	touch $(STAMP)
 
+$(GPU_TRITON)/.stamp: constraints/gpu.txt $(STAMP)
+	rm -rf $(GPU_TRITON)
+	$(PY) -m pip install -q --no-deps --target $(GPU_TRITON) triton==$(GPU_TRITON_VERSION)
+	touch $@
+
+gpu-triton: $(GPU_TRITON)/.stamp
+
 demo: $(STAMP)
 	$(PY) launch/unlearn.py
 
 # The slowest tests are listed at the end, so a CI log shows where the suite's time goes.
-test: $(STAMP)
+test: $(STAMP) $(GPU_TRITON)/.stamp
 	$(PY) -m pytest -q --durations=15 tests
 
 bench: $(STAMP)

@@ -15,7 +15,11 @@ so `epi_clk / mma_clk` is the share the epilogue adds when it runs after its til
 resident program per SM) instead of beside it. An estimate from static counts: the epilogue
 runs once per tile, the K loop d / BLOCK_K times; latencies and L2 stalls are not modelled.
 
-    .venv/bin/python benchmarks/kernel_sass.py --json benchmarks/results/kernel-sass.json
+    make gpu-triton && .venv/bin/python benchmarks/kernel_sass.py --triton .cache/triton-3.6.0 \
+        --json benchmarks/results/kernel-sass.json
+
+`--triton DIR` compiles with the Triton package in DIR (the GPU image's: the code that will run)
+instead of the installed one.
 """
 from __future__ import annotations
 
@@ -120,7 +124,13 @@ def sass_of(kernel: str, variant: str, tile, arch: int = 90, dtype: str = "bf16"
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--triton", type=Path, help="a folder holding another Triton package to compile with")
     args = ap.parse_args(argv)
+    if args.triton:
+        if "triton" in sys.modules or not (args.triton / "triton").is_dir():
+            print(f"kernel_sass: no usable triton package in {args.triton}", file=sys.stderr)
+            return 2
+        sys.path.insert(0, str(args.triton.resolve()))
     from cliperase.kernels._triton_aot import toolchain
     from cliperase.kernels._triton_tiles import TILES, VARIANTS
 

@@ -4,7 +4,9 @@ For every (arch, dtype, kernel, variant) this compiles candidate tiles ahead of 
 (`kernels/_triton_aot.py`: `triton.compile` for `GPUTarget("cuda", arch, 32)` with the
 divisibility hints of a real launch) and reads registers, stack (spill) bytes and shared memory.
 A candidate qualifies when it is spill-free, within the arch's shared memory, for every flag
-combination the table entry serves (caption ids and column statistics on and off). Among the
+combination the table entry serves (caption ids and column statistics on and off), with every
+Triton given: the installed one and the GPU image's (`--triton`, by default .cache/triton-<the
+version constraints/gpu.txt pins>, which `make gpu-triton` installs): their ptxas differ. Among the
 qualifying ones the pick is, in order (an estimate from the kernel design, not a measurement):
 1. operand reuse `BM*BN/(BM+BN)` FLOP per byte loaded: the kernels stream both operands from
    L2, and at 128 x 128 they already need ~64 B/clk/SM at the tensor-core rate;
@@ -14,7 +16,7 @@ qualifying ones the pick is, in order (an estimate from the kernel design, not a
 Candidates are compiled level by level of (1), best first; the sweep stops at the first level
 with a qualifying candidate, so the output lists what was compiled, not the whole grid.
 
-    .venv/bin/python benchmarks/tile_sweep.py --jobs 2 --json benchmarks/results/tile-sweep.json
+    make gpu-triton && .venv/bin/python benchmarks/tile_sweep.py --jobs 2 --json benchmarks/results/tile-sweep.json
 
 prints one line per compile and, at the end, the `TILES` literal for kernels/_triton_tiles.py.
 Needs no GPU; run it in a shell without TRITON_INTERPRET.
@@ -22,19 +24,19 @@ Needs no GPU; run it in a shell without TRITON_INTERPRET.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import datetime
 import json
-import multiprocessing
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from cliperase.kernels._triton_tiles import ARCHS, DTYPES, SMEM_LIMIT, VARIANTS, Tile
 
+REPO = Path(__file__).resolve().parent.parent
 REGS_PER_SM = 65536
 MAX_PROGRAMS = 2  # occupancy beyond 2 programs per SM is not credited (see the docstring)
 
@@ -66,20 +68,11 @@ def rank_key(tile: Tile, regs: int, smem: int, arch: int) -> Tuple:
             min(tile.num_stages, 4), -regs)
 
 
-def _compile(job):
-    """Worker: one compile; returns a JSON-able record (errors recorded, not raised)."""
-    from cliperase.kernels._triton_aot import compile_usage
+def compile_all(toolchains: Sequence, jobs: List) -> List[Dict]:
+    """Each job compiled by every toolchain, merged to the worst figures (`_triton_aot.worst_of`)."""
+    from cliperase.kernels._triton_aot import worst_of
 
-    kernel, arch, dtype, tile, flags = job
-    rec = dict(kernel=kernel, arch=arch, dtype=dtype, tile=tile.__dict__, flags=flags)
-    try:
-        u = compile_usage(kernel, arch, dtype, tile, flags)
-    except Exception as e:  # noqa: BLE001 - an impossible tile is a result, not a crash
-        rec.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-        return rec
-    rec.update(regs=u.regs, stack=u.stack, local=u.local, smem=u.smem, spills=u.spills,
-               seconds=round(u.seconds, 2))
-    return rec
+    return worst_of({tc.versions["triton"]: tc.compile(jobs) for tc in toolchains})
 
 
 def _ok(rec, arch) -> bool:
@@ -95,7 +88,7 @@ def _show(rec) -> None:
           f"{t['block_m']}x{t['block_n']}x{t['block_k']} w{t['num_warps']} s{t['num_stages']}: {what}", flush=True)
 
 
-def sweep_group(pool, kernel: str, variant: str, arch: int, dtype: str, candidates: List[Tile]) -> Dict:
+def sweep_group(toolchains, kernel: str, variant: str, arch: int, dtype: str, candidates: List[Tile]) -> Dict:
     """Compile level by level; return the group's records and the chosen tile (or None)."""
     from cliperase.kernels._triton_aot import flags_of, sub_variants
 
@@ -103,7 +96,7 @@ def sweep_group(pool, kernel: str, variant: str, arch: int, dtype: str, candidat
     records, chosen = [], None
     for level in sorted({reuse(t) for t in candidates}, reverse=True):
         tiles = [t for t in candidates if reuse(t) == level]
-        results = list(pool.map(_compile, [(kernel, arch, dtype, t, heavy) for t in tiles]))
+        results = compile_all(toolchains, [(kernel, arch, dtype, t, heavy) for t in tiles])
         for r in results:
             _show(r)
         records += results
@@ -112,7 +105,7 @@ def sweep_group(pool, kernel: str, variant: str, arch: int, dtype: str, candidat
         for best in ranked:
             tile = Tile(**best["tile"])
             rest = [f for f in sub_variants(kernel, variant) if f != heavy]
-            checks = list(pool.map(_compile, [(kernel, arch, dtype, tile, f) for f in rest]))
+            checks = compile_all(toolchains, [(kernel, arch, dtype, tile, f) for f in rest])
             for r in checks:
                 _show(r)
             records += checks
@@ -138,6 +131,12 @@ def table_literal(groups: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+def gpu_image_triton() -> Path:
+    """Where `make gpu-triton` installs the Triton constraints/gpu.txt pins."""
+    pin = re.search(r"^triton==(\S+)", (REPO / "constraints/gpu.txt").read_text(), re.M).group(1)
+    return REPO / ".cache" / f"triton-{pin}"
+
+
 def kernel_source_hash() -> str:
     """sha256 of the kernels' source file: which kernels a record was compiled from."""
     import hashlib
@@ -153,22 +152,38 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS)
     ap.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     ap.add_argument("--kernel", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--jobs", type=int, default=2, help="compile processes")
+    ap.add_argument("--jobs", type=int, default=2, help="compile processes per Triton")
+    ap.add_argument("--triton", type=Path, action="append",
+                    help="another Triton package folder to qualify against (repeatable; default: the GPU image's)")
     ap.add_argument("--json", type=Path, help="write every compile's record here")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("tile_sweep: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)", file=sys.stderr)
         return 2
-    from cliperase.kernels._triton_aot import toolchain
+    from cliperase.kernels._triton_aot import Toolchain
 
+    others = args.triton or [gpu_image_triton()]
+    missing = [p for p in others if not (p / "triton").is_dir()]
+    if missing:
+        print(f"tile_sweep: no triton package in {', '.join(map(str, missing))} (make gpu-triton installs "
+              "the GPU image's)", file=sys.stderr)
+        return 2
     start = time.time()
     groups = []
-    with cf.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    toolchains = [Toolchain(None, args.jobs)] + [Toolchain(p, args.jobs) for p in others]
+    try:
+        skips = [f"{tc.path or 'installed'}: {tc.skip}" for tc in toolchains if tc.skip]
+        if skips:
+            print("tile_sweep: cannot compile for sm_90 with " + "; ".join(skips), file=sys.stderr)
+            return 2
         for arch in args.arch:
             for dtype in args.dtype:
                 for kernel in args.kernel:
                     for variant in VARIANTS[kernel]:
-                        groups.append(sweep_group(pool, kernel, variant, arch, dtype, CANDIDATES))
+                        groups.append(sweep_group(toolchains, kernel, variant, arch, dtype, CANDIDATES))
+    finally:
+        for tc in toolchains:
+            tc.close()
     literal = table_literal(groups)
     print(literal)
     if args.json:
@@ -178,7 +193,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             machine=dict(node=platform.node(), processor=platform.processor() or platform.machine(),
                          cpus=os.cpu_count(), python=platform.python_version()),
-            toolchain=toolchain(), wall_seconds=round(time.time() - start, 1),
+            toolchains=[tc.versions for tc in toolchains], wall_seconds=round(time.time() - start, 1),
             kernel_source_sha256=kernel_source_hash(),
             rule=__doc__.split("\n\n")[0], table=literal, groups=groups,
         ), indent=1) + "\n")

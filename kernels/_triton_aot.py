@@ -9,18 +9,26 @@ ptxas and cuobjdump), shared memory from the compiled metadata. `CompiledKernel.
 The signature carries the divisibility-by-16 hints a real launch passes (`tt.divisibility`
 on 16-byte-aligned pointers and on ints divisible by 16: strides, d, sizes): without them the
 address arithmetic is not vectorised and the kernels spill. Used by `benchmarks/tile_sweep.py`
-and `tests/test_triton_tiles.py`; imports Triton, so it must run in a process without
-TRITON_INTERPRET (the interpreter's kernels cannot be compiled).
+and `tests/test_triton_tiles.py` through `Toolchain`, which runs the compiles in a child process:
+the interpreter's kernels (TRITON_INTERPRET=1) cannot be compiled, and one process cannot hold
+two Triton versions. The shipped tiles must be spill-free with every Triton they will meet:
+this machine's (constraints/cpu.txt) and the GPU image's (constraints/gpu.txt); the two
+versions' ptxas allocate registers differently.
+
+    python -m cliperase.kernels._triton_aot --serve 2   # the child: JSON jobs in, records out
 """
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
-from typing import Dict, Iterator, NamedTuple, Tuple
+from pathlib import Path
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -29,8 +37,11 @@ from triton.compiler import ASTSource
 from . import _triton_contrastive as K
 from ._triton_tiles import Tile
 
-__all__ = ["Usage", "compile_usage", "sub_variants", "flags_of", "can_compile", "toolchain", "shipped_jobs",
-           "check_shipped"]
+__all__ = ["Usage", "Job", "Toolchain", "compile_usage", "compile_record", "sub_variants", "flags_of",
+           "can_compile", "toolchain", "shipped_jobs", "worst_of"]
+
+# (kernel, arch, dtype, tile, flags): one compile.
+Job = Tuple[str, int, str, Tile, Dict[str, bool]]
 
 _FN = {"fwd": K._stats_fwd_kernel, "bwd": K._grad_logits_kernel}
 _INPUT_PTRS = {"a_ptr", "b_ptr", "a0_ptr", "b0_ptr", "g_ptr"}  # in the input dtype
@@ -123,7 +134,7 @@ def can_compile() -> str:
     return ""
 
 
-def shipped_jobs():
+def shipped_jobs() -> List[Job]:
     """(kernel, arch, dtype, tile, flags) of every compile the shipped table must pass, once each."""
     from ._triton_tiles import ARCHS, DTYPES, TILES, VARIANTS
 
@@ -140,18 +151,107 @@ def shipped_jobs():
     return jobs
 
 
-def _usage_record(job) -> Dict:
+def compile_record(job: Job) -> Dict:
+    """One compile as a JSON-able record; a failed compile (an impossible tile) is recorded, not raised."""
     kernel, arch, dtype, tile, flags = job
-    u = compile_usage(kernel, arch, dtype, tile, flags)
-    return dict(kernel=kernel, arch=arch, dtype=dtype, tile=tile.__dict__, flags=flags, **u._asdict(),
-                spills=u.spills)
+    rec = dict(kernel=kernel, arch=arch, dtype=dtype, tile=tile.__dict__, flags=flags)
+    try:
+        u = compile_usage(kernel, arch, dtype, tile, flags)
+    except Exception as e:  # noqa: BLE001 - an impossible tile is a result, not a crash
+        return dict(rec, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+    return dict(rec, regs=u.regs, stack=u.stack, local=u.local, smem=u.smem, spills=u.spills,
+                seconds=round(u.seconds, 2))
 
 
-def check_shipped(jobs: int = 2) -> list:
-    """Compile every shipped tile (`shipped_jobs`) in `jobs` processes; one record per compile."""
+def worst_of(per_toolchain: Dict[str, List[Dict]]) -> List[Dict]:
+    """Merge the records of the same jobs compiled by several toolchains (keyed by Triton
+    version): the most registers, stack, local and shared memory of any, `spills` if any spilled,
+    an `error` if any failed, and each toolchain's own figures under `by_triton`."""
+    lists = list(per_toolchain.values())
+    merged = []
+    for recs in zip(*lists):
+        first = recs[0]
+        key = {k: first[k] for k in ("kernel", "arch", "dtype", "tile", "flags")}
+        if any({k: r[k] for k in key} != key for r in recs):
+            raise ValueError(f"toolchains compiled different jobs: {[{k: r[k] for k in key} for r in recs]}")
+        errors = [f"triton {v}: {r['error']}" for v, r in zip(per_toolchain, recs) if "error" in r]
+        if errors:
+            merged.append(dict(key, error="; ".join(errors)))
+            continue
+        out = dict(key, **{k: max(r[k] for r in recs) for k in ("regs", "stack", "local", "smem")})
+        out.update(spills=any(r["spills"] for r in recs), seconds=round(sum(r["seconds"] for r in recs), 2),
+                   by_triton={v: {k: r[k] for k in ("regs", "stack", "local", "smem")}
+                              for v, r in zip(per_toolchain, recs)})
+        merged.append(out)
+    return merged
+
+
+class Toolchain:
+    """A Triton install that compiles jobs in a child process of its own: the installed one
+    (`path=None`) or a package folder put first on PYTHONPATH, e.g. the GPU image's Triton from
+    `pip install --no-deps --target DIR triton==X`. `skip` is why it cannot compile for sm_90
+    here ('' when it can); `versions` is what compiles (Triton, ptxas)."""
+
+    def __init__(self, path: Optional[Path] = None, processes: int = 2):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        if path is not None:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(path), env.get("PYTHONPATH", "")) if p)
+        self.path = path
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "cliperase.kernels._triton_aot", "--serve", str(processes)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        hello = self._read()
+        self.skip, self.versions = hello["skip"], hello["versions"]
+
+    def compile(self, jobs: Sequence[Job]) -> List[Dict]:
+        """`compile_record` of each job, in order."""
+        wire = [[k, a, dt, t.__dict__, f] for k, a, dt, t, f in jobs]
+        self._proc.stdin.write(json.dumps(wire) + "\n")
+        self._proc.stdin.flush()
+        return self._read()["records"]
+
+    def _read(self) -> Dict:
+        line = self._proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the compile process (Triton from {self.path or 'the installed package'}) "
+                               f"exited with {self._proc.wait()}; its stderr is above")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self._proc.stdin.close()
+        self._proc.wait()
+
+    def __enter__(self) -> "Toolchain":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _serve(processes: int) -> None:
+    """The child of `Toolchain`: one JSON line of jobs in, one JSON line of records out."""
     import concurrent.futures as cf
     import multiprocessing
 
-    todo = shipped_jobs()
-    with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_usage_record, todo))
+    # By the package's name: this file runs as __main__, and the pool's workers must find the function.
+    from cliperase.kernels._triton_aot import compile_record as record
+
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # whatever Triton or ptxas print goes to stderr, never into the replies
+
+    def send(obj) -> None:
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+
+    reason = can_compile()
+    send(dict(skip=reason, versions=toolchain() if not reason else {"triton": triton.__version__}))
+    with cf.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for line in sys.stdin:
+            jobs = [(k, a, dt, Tile(**t), f) for k, a, dt, t, f in json.loads(line)]
+            send(dict(records=list(pool.map(record, jobs))))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["--serve"] or len(sys.argv) != 3:
+        sys.exit("usage: python -m cliperase.kernels._triton_aot --serve PROCESSES")
+    _serve(int(sys.argv[2]))

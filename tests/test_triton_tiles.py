@@ -4,14 +4,15 @@
 sm_80 and sm_90 (both input dtypes, every kernel variant, caption ids and column statistics on
 and off) with Triton's ahead-of-time path and fails on any spill or shared memory over the
 arch's limit, so a kernel change that makes a shipped tile spill is caught on a CPU machine.
-The compiles run in fresh processes (this session has TRITON_INTERPRET=1, whose kernels cannot
-be compiled) and are cached by Triton on disk: a re-run with unchanged kernels takes seconds.
+It does so twice: with the installed Triton (constraints/cpu.txt) and with the GPU image's
+(constraints/gpu.txt), which `make test` puts in .cache/triton-<version>: the tiles run there,
+and the two versions' ptxas allocate registers differently (two tiles chosen with 3.8 alone
+spilled with 3.6). The compiles run in child processes (`_triton_aot.Toolchain`) and are cached
+by Triton on disk: a re-run with unchanged kernels takes seconds.
 """
 import importlib.util
 import json
-import os
-import subprocess
-import sys
+import re
 from pathlib import Path
 
 import pytest
@@ -21,12 +22,12 @@ from cliperase.kernels._triton_tiles import (
     ARCHS, DTYPES, FP32_TILE, SMEM_LIMIT, TILES, VARIANTS, Tile, smem_estimate, tile_for,
 )
 
-_CHECK = (
-    "import json, sys\n"
-    "from cliperase.kernels._triton_aot import can_compile, check_shipped\n"
-    "reason = can_compile()\n"
-    "print(json.dumps({'skip': reason} if reason else {'records': check_shipped(2)}))\n"
-)
+REPO = Path(__file__).resolve().parent.parent
+
+
+def gpu_image_triton() -> str:
+    """The GPU image's Triton version, as constraints/gpu.txt pins it."""
+    return re.search(r"^triton==(\S+)", (REPO / "constraints/gpu.txt").read_text(), re.M).group(1)
 
 
 def test_table_covers_every_arch_dtype_and_variant():
@@ -82,23 +83,50 @@ def test_tile_for_fp32_and_bad_names():
         tile_for("fwd", (9, 0), torch.bfloat16, "kl_teacher_grad")  # a backward-only variant
 
 
-@pytest.fixture(scope="module")
-def compiled():
+@pytest.fixture(scope="module", params=["installed", "gpu_image"])
+def compiled(request):
+    """Every shipped compile's record, with the installed Triton or the GPU image's."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _CHECK], env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    if "skip" in out:
-        pytest.skip(out["skip"])
-    return out["records"]
+    from cliperase.kernels._triton_aot import Toolchain, shipped_jobs
+
+    path, want = None, None
+    if request.param == "gpu_image":
+        want = gpu_image_triton()
+        path = REPO / ".cache" / f"triton-{want}"
+        if not (path / "triton").is_dir():
+            pytest.skip(f"the GPU image's Triton is not in {path}: `make test` installs it there")
+    with Toolchain(path) as tc:
+        if tc.skip:
+            pytest.skip(tc.skip)
+        assert want in (None, tc.versions["triton"]), f"{path} holds Triton {tc.versions['triton']}, not {want}"
+        return tc.compile(shipped_jobs())
 
 
 def test_shipped_tiles_compile_without_spills(compiled):
+    assert not [r for r in compiled if "error" in r], [r["error"] for r in compiled if "error" in r]
     assert len(compiled) == 4 * sum(len(v) for v in VARIANTS.values()) * len(ARCHS) * len(DTYPES)
     bad = [r for r in compiled if r["spills"] or r["smem"] > SMEM_LIMIT[r["arch"]]]
     lines = [f"sm_{r['arch']} {r['dtype']} {r['kernel']} {r['flags']} {r['tile']}: regs {r['regs']} "
              f"stack {r['stack']} local {r['local']} smem {r['smem']}" for r in bad]
     assert not bad, "shipped tiles that spill or exceed shared memory:\n" + "\n".join(lines)
     assert all(0 < r["regs"] <= 255 for r in compiled)
+
+
+def test_worst_of_merges_toolchains_to_their_worst_figures():
+    pytest.importorskip("triton")
+    from cliperase.kernels._triton_aot import worst_of
+
+    key = dict(kernel="fwd", arch=90, dtype="bf16", tile=Tile(128, 64, 64, 8, 3).__dict__, flags={"HAS_KL": True})
+    new = dict(key, regs=200, stack=0, local=0, smem=147456, spills=False, seconds=1.0)
+    old = dict(key, regs=255, stack=16, local=0, smem=147456, spills=True, seconds=2.0)
+    failed = dict(key, error="CompilationError: out of resources")
+    (m,) = worst_of({"3.8.0": [new], "3.6.0": [old]})
+    assert (m["regs"], m["stack"], m["spills"], m["seconds"]) == (255, 16, True, 3.0)
+    assert m["by_triton"]["3.8.0"]["regs"] == 200 and m["by_triton"]["3.6.0"]["stack"] == 16
+    (clean,) = worst_of({"3.8.0": [new], "3.6.0": [dict(new, regs=210)]})
+    assert not clean["spills"] and clean["regs"] == 210
+    (err,) = worst_of({"3.8.0": [new], "3.6.0": [failed]})
+    assert err["error"].startswith("triton 3.6.0: CompilationError")
+    with pytest.raises(ValueError, match="different jobs"):
+        worst_of({"3.8.0": [new], "3.6.0": [dict(old, arch=80)]})
