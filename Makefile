@@ -5,6 +5,7 @@
 #   make gpu-wheels                - here, with PyPI: .whl/ holds every wheel the GPU image lacks
 #   make gpu-check                 - on the offline GPU machine: install .whl/, run the parts
 #   GPU_CHECK_DRY=1 make gpu-check - the same parts on CPU at tiny sizes (tests/test_gpu_check.py)
+#   make gpu-rehearsal             - that dry run here with the GPU image's torch, torchvision and Triton
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -20,7 +21,7 @@ GPU_TRITON := .cache/triton-$(GPU_TRITON_VERSION)
 # What the dry run needs first (tests/test_gpu_check.py, already inside the venv, sets it empty).
 GPU_CHECK_DEPS ?= $(STAMP)
 
-.PHONY: demo test bench clean gpu-wheels gpu-check gpu-triton
+.PHONY: demo test bench clean gpu-wheels gpu-check gpu-triton gpu-rehearsal
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +34,20 @@ $(GPU_TRITON)/.stamp: constraints/gpu.txt $(STAMP)
 	touch $@
 
 gpu-triton: $(GPU_TRITON)/.stamp
+
+# The image's versions (benchmarks/gpu/wheels.py IMAGE) installed beside the venv, first on
+# PYTHONPATH; the venv's CUDA 13 libraries serve that torch build too. ~1.6 GB, not in `make test`.
+# The image's numpy 2.5 needs CPython 3.12 and stays the venv's.
+GPU_IMAGE := .cache/gpu-image
+GPU_IMAGE_PINS = $$($(PY) -c "from benchmarks.gpu.wheels import IMAGE; print(*(f'{n}=={IMAGE[n]}' for n in ('torch', 'torchvision', 'triton')))")
+$(GPU_IMAGE)/.stamp: benchmarks/gpu/wheels.py $(STAMP)
+	rm -rf $(GPU_IMAGE)
+	$(PY) -m pip install -q --no-deps --target $(GPU_IMAGE) $(GPU_IMAGE_PINS)
+	touch $@
+
+gpu-rehearsal: $(GPU_IMAGE)/.stamp
+	PYTHONPATH=$(abspath $(GPU_IMAGE)) TORCH_EXTENSIONS_DIR=$(abspath $(GPU_IMAGE))/torch_extensions \
+		$(PY) benchmarks/gpu_check.py --dry --out $(GPU_IMAGE)/out $(GPU_CHECK_ARGS)
 
 demo: $(STAMP)
 	$(PY) launch/unlearn.py

@@ -15,7 +15,6 @@ two Triton versions. The shipped tiles must be spill-free with every Triton they
 this machine's (constraints/cpu.txt) and the GPU image's (constraints/gpu.txt); the two
 versions' ptxas allocate registers differently.
 
-    python -m cliperase.kernels._triton_aot --serve 2   # the child: JSON jobs in, records out
 """
 from __future__ import annotations
 
@@ -198,7 +197,7 @@ class Toolchain:
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(path), env.get("PYTHONPATH", "")) if p)
         self.path = path
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "cliperase.kernels._triton_aot", "--serve", str(processes)],
+            [sys.executable, "-c", _SERVE, str(processes)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         hello = self._read()
         self.skip, self.versions = hello["skip"], hello["versions"]
@@ -228,13 +227,14 @@ class Toolchain:
         self.close()
 
 
+# The child's command: by import, not `-m`, so the functions its pool pickles live in this module.
+_SERVE = "import sys; from cliperase.kernels._triton_aot import _serve; _serve(int(sys.argv[1]))"
+
+
 def _serve(processes: int) -> None:
     """The child of `Toolchain`: one JSON line of jobs in, one JSON line of records out."""
     import concurrent.futures as cf
     import multiprocessing
-
-    # By the package's name: this file runs as __main__, and the pool's workers must find the function.
-    from cliperase.kernels._triton_aot import compile_record as record
 
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # whatever Triton or ptxas print goes to stderr, never into the replies
@@ -248,10 +248,5 @@ def _serve(processes: int) -> None:
     with cf.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
         for line in sys.stdin:
             jobs = [(k, a, dt, Tile(**t), f) for k, a, dt, t, f in json.loads(line)]
-            send(dict(records=list(pool.map(record, jobs))))
+            send(dict(records=list(pool.map(compile_record, jobs))))
 
-
-if __name__ == "__main__":
-    if sys.argv[1:2] != ["--serve"] or len(sys.argv) != 3:
-        sys.exit("usage: python -m cliperase.kernels._triton_aot --serve PROCESSES")
-    _serve(int(sys.argv[2]))

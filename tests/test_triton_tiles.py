@@ -130,3 +130,33 @@ def test_worst_of_merges_toolchains_to_their_worst_figures():
     assert err["error"].startswith("triton 3.6.0: CompilationError")
     with pytest.raises(ValueError, match="different jobs"):
         worst_of({"3.8.0": [new], "3.6.0": [dict(old, arch=80)]})
+
+
+class _FakeToolchain:
+    """Stands in for `_triton_aot.Toolchain`: records with shared memory from `smem_estimate` and
+    stack bytes from `stack(tile)`, without compiling."""
+
+    def __init__(self, version, stack):
+        self.versions, self.stack = {"triton": version}, stack
+
+    def compile(self, jobs):
+        return [dict(kernel=k, arch=a, dtype=dt, tile=t.__dict__, flags=f, regs=200, stack=self.stack(t), local=0,
+                     smem=smem_estimate(t, DTYPES[dt], f["HAS_KL"], a), spills=self.stack(t) > 0, seconds=0.1)
+                for k, a, dt, t, f in jobs]
+
+
+def test_the_sweep_only_picks_tiles_spill_free_with_every_triton():
+    pytest.importorskip("triton")
+    from benchmarks.tile_sweep import CANDIDATES, reuse, sweep_group
+
+    clean = _FakeToolchain("3.8.0", lambda t: 0)
+    # The other release spills every tile of 128 x 128 elements or more.
+    tight = _FakeToolchain("3.6.0", lambda t: 16 if t.block_m * t.block_n >= 128 * 128 else 0)
+    alone = sweep_group([clean], "fwd", "kl", 90, "bf16", CANDIDATES)
+    both = sweep_group([clean, tight], "fwd", "kl", 90, "bf16", CANDIDATES)
+    assert reuse(Tile(**alone["chosen"]["tile"])) == max(reuse(t) for t in CANDIDATES)
+    # 256 x 64 would be next, but its three stages of operands exceed sm_90's shared memory.
+    assert Tile(**both["chosen"]["tile"]) == Tile(128, 64, 64, 8, 4)
+    checked = [r for r in both["compiled"] if Tile(**r["tile"]) == Tile(128, 64, 64, 8, 4)]
+    assert len(checked) == 4 and all(set(r["by_triton"]) == {"3.8.0", "3.6.0"} for r in checked)
+    assert any(r["spills"] and r["by_triton"]["3.8.0"]["stack"] == 0 for r in both["compiled"])
