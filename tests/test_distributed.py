@@ -1,10 +1,12 @@
 """DeepSpeed and multi-rank runs: the config builder, the gather with gradient and its row offset,
 and whole runs under the `deepspeed` launcher (2 CPU ranks, gloo) against 1-process runs."""
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -388,3 +390,24 @@ def test_subgroup_runs_under_the_deepspeed_launcher(tiny_data, tiny_vit_checkpoi
     chosen = {n for layer in details["layers"] for n in groups[layer]}
     changed = {k for k in original if not torch.equal(trained[k], original[k])}
     assert changed and changed <= chosen, f"frozen parameters changed: {sorted(changed - chosen)}"
+
+
+def test_a_stale_deepspeed_build_lock_is_named(tmp_path, monkeypatch, caplog):
+    """A run killed while DeepSpeed JIT-builds its CPU allreduce op leaves torch's build lock,
+    on which later runs wait silently: an old one is named; a fresh one (a build under way) and
+    none are not."""
+    from cliperase.engine.dist.zero import _warn_of_a_stale_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    caplog.set_level(logging.WARNING, logger="cliperase")
+    _warn_of_a_stale_build_lock()
+    lock.parent.mkdir(exist_ok=True)
+    lock.touch()
+    _warn_of_a_stale_build_lock()
+    ours = lambda: [r for r in caplog.records if r.name.startswith("cliperase")]  # noqa: E731
+    assert not ours()
+    os.utime(lock, (time.time() - 3600,) * 2)
+    _warn_of_a_stale_build_lock()
+    (record,) = ours()
+    assert str(lock) in record.getMessage() and "60 minutes old" in record.getMessage()

@@ -5,8 +5,10 @@ Everything here imports deepspeed lazily: a plain single-process run never pays 
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, Optional
@@ -21,6 +23,8 @@ from ..trainer import DeepSpeedStepper, TorchStepper, make_optimizer
 from . import launched
 from .ds_config import build_ds_config
 from .partitioned import ShardedOriginal, gather_full_state, release_optimizer_state, sharded_engine
+
+log = logging.getLogger("cliperase.dist")
 
 if TYPE_CHECKING:
     from ..config import UnlearnConfig
@@ -56,6 +60,8 @@ def init_process_group(cfg: "UnlearnConfig", device: torch.device) -> torch.devi
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "gloo":
+        _warn_of_a_stale_build_lock()
     if torch.distributed.is_initialized() or launched():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
         if backend == "gloo":  # the segments are the CPU accelerator's; no barrier before a CUDA device is set
@@ -70,6 +76,24 @@ def init_process_group(cfg: "UnlearnConfig", device: torch.device) -> torch.devi
     os.environ.setdefault("LOCAL_RANK", "0")
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return device
+
+
+def _warn_of_a_stale_build_lock(name: str = "deepspeed_shm_comm", older_than_s: float = 600) -> None:
+    """On CPU, init_distributed JIT-builds DeepSpeed's shared-memory allreduce op (~3 min on 2
+    cores) under torch's build lock. A run killed during that build leaves the lock behind, and
+    every later run that needs a build (another torch, another deepspeed) then waits on it for
+    ever, printing nothing (seen here). A lock older than any build names itself."""
+    from torch.utils import cpp_extension
+
+    try:
+        lock = Path(cpp_extension._get_build_directory(name, False)) / "lock"
+        age = time.time() - lock.stat().st_mtime
+    except (OSError, AttributeError):  # no lock (the usual case), or a torch without the helper
+        return
+    if age > older_than_s:
+        log.warning("%s is %.0f minutes old: a run killed while building DeepSpeed's %s op left it, and "
+                    "this run waits for it if it must build; delete it if nothing else is building", lock,
+                    age / 60, name)
 
 
 def _unlink_shm_allreduce_segments() -> None:
