@@ -14,7 +14,6 @@ the interpreter's kernels (TRITON_INTERPRET=1) cannot be compiled, and one proce
 two Triton versions. The shipped tiles must be spill-free with every Triton they will meet:
 this machine's (constraints/cpu.txt) and the GPU image's (constraints/gpu.txt); the two
 versions' ptxas allocate registers differently.
-
 """
 from __future__ import annotations
 

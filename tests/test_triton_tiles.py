@@ -12,7 +12,6 @@ by Triton on disk: a re-run with unchanged kernels takes seconds.
 """
 import importlib.util
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -22,12 +21,7 @@ from cliperase.kernels._triton_tiles import (
     ARCHS, DTYPES, FP32_TILE, SMEM_LIMIT, TILES, VARIANTS, Tile, smem_estimate, tile_for,
 )
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def gpu_image_triton() -> str:
-    """The GPU image's Triton version, as constraints/gpu.txt pins it."""
-    return re.search(r"^triton==(\S+)", (REPO / "constraints/gpu.txt").read_text(), re.M).group(1)
+from benchmarks.tile_sweep import gpu_image_triton
 
 
 def test_table_covers_every_arch_dtype_and_variant():
@@ -92,8 +86,8 @@ def compiled(request):
 
     path, want = None, None
     if request.param == "gpu_image":
-        want = gpu_image_triton()
-        path = REPO / ".cache" / f"triton-{want}"
+        path = gpu_image_triton()
+        want = path.name.removeprefix("triton-")
         if not (path / "triton").is_dir():
             pytest.skip(f"the GPU image's Triton is not in {path}: `make test` installs it there")
     with Toolchain(path) as tc:
