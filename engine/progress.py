@@ -16,6 +16,17 @@ __all__ = ["progress_bar", "NON_TTY_INTERVAL_S"]
 NON_TTY_INTERVAL_S = 30.0
 
 
+class _Bar(tqdm):
+    """Off a terminal, a new postfix waits for the bar's next scheduled line. tqdm's
+    `set_postfix` writes at once by default, which bypassed the rate limit: a line per logged
+    step, each with a stale count (an iterating bar updates its count only when it writes)."""
+
+    tty = True
+
+    def set_postfix(self, ordered_dict=None, refresh=None, **kwargs):
+        super().set_postfix(ordered_dict, refresh=self.tty if refresh is None else refresh, **kwargs)
+
+
 def progress_bar(iterable: Optional[Iterable] = None, *, desc: str = "", total: Optional[int] = None,
                  enabled: bool = True, unit: str = "it", initial: int = 0, file=None) -> tqdm:
     """A tqdm bar over `iterable` (or a manual one of `total`), off when not `enabled`.
@@ -28,5 +39,7 @@ def progress_bar(iterable: Optional[Iterable] = None, *, desc: str = "", total: 
     # miniters=1 with mininterval: tqdm then checks the clock every update and writes once per interval.
     limits = {"dynamic_ncols": True} if tty else {"mininterval": NON_TTY_INTERVAL_S, "maxinterval": NON_TTY_INTERVAL_S,
                                                   "miniters": 1, "ncols": 100}
-    return tqdm(iterable, desc=desc, total=total, disable=not enabled, unit=unit, initial=initial, file=stream,
-                **limits)
+    bar = _Bar(iterable, desc=desc, total=total, disable=not enabled, unit=unit, initial=initial, file=stream,
+               **limits)
+    bar.tty = tty
+    return bar
