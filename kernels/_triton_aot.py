@@ -36,7 +36,7 @@ from . import _triton_contrastive as K
 from ._triton_tiles import Tile
 
 __all__ = ["Usage", "Job", "Toolchain", "compile_usage", "compile_record", "sub_variants", "flags_of",
-           "can_compile", "toolchain", "shipped_jobs", "worst_of"]
+           "can_compile", "toolchain", "shipped_jobs", "fallback_jobs", "worst_of"]
 
 # (kernel, arch, dtype, tile, flags): one compile.
 Job = Tuple[str, int, str, Tile, Dict[str, bool]]
@@ -86,14 +86,18 @@ def _signature(fn, dtype: str, constexprs: Dict) -> Tuple[Dict[str, str], Dict]:
     return sig, attrs
 
 
-def compile_usage(kernel: str, arch: int, dtype: str, tile: Tile, flags: Dict[str, bool]) -> Usage:
-    """Compile `kernel` ("fwd"/"bwd") with `tile` and `flags` for sm_`arch`; `dtype` "bf16"/"fp16".
+def compile_usage(kernel: str, arch: int, dtype: str, tile: Tile, flags: Dict) -> Usage:
+    """Compile `kernel` ("fwd"/"bwd") with `tile` and `flags` for sm_`arch`; `dtype` "bf16",
+    "fp16" or "fp32". `flags` are constexprs: the variant's (`flags_of`), and optionally
+    INPUT_PRECISION ("tf32" unless given; fp32 inputs may take "ieee") and EVEN_K (True unless
+    given: a width d that BLOCK_K divides, as every production width is).
 
     Raises triton's compilation errors as they come (e.g. an impossible tile).
     """
     fn = _FN[kernel]
     constexprs = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-                      INPUT_PRECISION="tf32", EVEN_K=True, **flags)
+                      INPUT_PRECISION="tf32", EVEN_K=True)
+    constexprs.update(flags)
     sig, attrs = _signature(fn, dtype, constexprs)
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     start = time.perf_counter()
@@ -146,6 +150,23 @@ def shipped_jobs() -> List[Job]:
                         job = (kernel, arch, dtype, tile, flags)
                         if job not in jobs:
                             jobs.append(job)
+    return jobs
+
+
+def fallback_jobs() -> List[Job]:
+    """The compiles a launch makes off the table, heaviest flags, every arch and variant: fp32
+    inputs (`FP32_TILE`, IEEE and TF32 dots: the default `--precision fp32` on CUDA) and 16-bit
+    inputs of a width BLOCK_K does not divide (EVEN_K off: masked operand loads). Not tuned, so
+    a spill is allowed there; a compile error is not."""
+    from ._triton_tiles import ARCHS, DTYPES, FP32_TILE, TILES, VARIANTS
+
+    jobs = []
+    for arch in ARCHS:
+        for kernel, variants in VARIANTS.items():
+            for variant in variants:
+                heavy = dict(flags_of(kernel, variant, True, True), EVEN_K=False)
+                jobs += [(kernel, arch, "fp32", FP32_TILE, dict(heavy, INPUT_PRECISION=p)) for p in ("ieee", "tf32")]
+                jobs += [(kernel, arch, dt, TILES[(arch, dt, kernel, variant)], heavy) for dt in DTYPES]
     return jobs
 
 
