@@ -28,7 +28,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from cliperase.kernels._triton_tiles import ARCHS, DTYPES, SMEM_LIMIT, VARIANTS, Tile
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script: `benchmarks` is then not importable by itself
+    sys.path.insert(0, str(REPO))
+
 REGS_PER_SM = 65536
 MAX_PROGRAMS = 2  # occupancy beyond 2 programs per SM is not credited (see the docstring)
 
@@ -131,10 +133,16 @@ def table_literal(groups: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+def triton_dir(version: str) -> Path:
+    """Where a Triton release is installed beside the venv (`pip install --no-deps --target`)."""
+    return REPO / ".cache" / f"triton-{version}"
+
+
 def gpu_image_triton() -> Path:
     """Where `make gpu-triton` installs the Triton constraints/gpu.txt pins."""
-    pin = re.search(r"^triton==(\S+)", (REPO / "constraints/gpu.txt").read_text(), re.M).group(1)
-    return REPO / ".cache" / f"triton-{pin}"
+    from benchmarks.gpu.wheels import pins
+
+    return triton_dir(pins()["triton"])
 
 
 def kernel_source_hash() -> str:

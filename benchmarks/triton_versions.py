@@ -24,11 +24,14 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parent.parent
-
+if str(REPO) not in sys.path:  # run as a script: `benchmarks` is then not importable by itself
+    sys.path.insert(0, str(REPO))
 
 def install(version: str) -> Path:
     """.cache/triton-<version>, installed there first if it is not."""
-    path = REPO / ".cache" / f"triton-{version}"
+    from benchmarks.tile_sweep import triton_dir
+
+    path = triton_dir(version)
     if not (path / "triton").is_dir():
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(path),
                         f"triton=={version}"], check=True)

@@ -36,7 +36,7 @@ from typing import Dict, List, Optional
 
 from benchmarks.gpu import write_json
 
-__all__ = ["carried_pins", "source_digest", "tree_bytes", "main", "LIMIT_BYTES"]
+__all__ = ["pins", "carried_pins", "source_digest", "tree_bytes", "main", "LIMIT_BYTES"]
 
 ROOT = Path(__file__).resolve().parents[2]
 WHEELS = ROOT / ".whl"
@@ -61,14 +61,19 @@ REQUIREMENTS = ("cliperase[dev,triton]", "inf-cl")  # what gpu-check installs
 IMPORTS = ("open_clip", "deepspeed", "webdataset", "inf_cl", "cliperase.engine", "cliperase.kernels")
 
 
-def carried_pins(constraints: Path = CONSTRAINTS) -> Dict[str, str]:
-    """{name: version} of every `name==version` line but the image's own packages."""
-    pins = {}
+def pins(constraints: Path = CONSTRAINTS) -> Dict[str, str]:
+    """{name: version} of every `name==version` line."""
+    found = {}
     for line in constraints.read_text().splitlines():
         m = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)==([^\s#]+)\s*(#.*)?", line)
-        if m and m.group(1).lower() not in IMAGE_OWN:
-            pins[m.group(1)] = m.group(2)
-    return pins
+        if m:
+            found[m.group(1)] = m.group(2)
+    return found
+
+
+def carried_pins(constraints: Path = CONSTRAINTS) -> Dict[str, str]:
+    """{name: version} of every pin but the image's own packages."""
+    return {name: v for name, v in pins(constraints).items() if name.lower() not in IMAGE_OWN}
 
 
 def source_digest(root: Path = ROOT) -> str:
