@@ -101,19 +101,10 @@ def analyse(kernel: str, variant: str, tile, sass: str) -> Dict:
 
 def sass_of(kernel: str, variant: str, tile, arch: int = 90, dtype: str = "bf16") -> str:
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    from cliperase.kernels import _triton_aot as A
+    from cliperase.kernels._triton_aot import compile_kernel, flags_of
 
-    flags = A.flags_of(kernel, variant, True, True)
-    fn = A._FN[kernel]
-    cx = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, INPUT_PRECISION="tf32",
-              EVEN_K=True, **flags)
-    sig, attrs = A._signature(fn, dtype, cx)
-    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs),
-                              target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=tile.num_warps, num_stages=tile.num_stages))
+    compiled = compile_kernel(kernel, arch, dtype, tile, flags_of(kernel, variant, True, True))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()

@@ -35,7 +35,7 @@ from triton.compiler import ASTSource
 from . import _triton_contrastive as K
 from ._triton_tiles import Tile
 
-__all__ = ["Usage", "Job", "Toolchain", "compile_usage", "compile_record", "sub_variants", "flags_of",
+__all__ = ["Usage", "Job", "Toolchain", "compile_kernel", "compile_usage", "compile_record", "sub_variants", "flags_of",
            "can_compile", "toolchain", "shipped_jobs", "fallback_jobs", "worst_of"]
 
 # (kernel, arch, dtype, tile, flags): one compile.
@@ -86,11 +86,12 @@ def _signature(fn, dtype: str, constexprs: Dict) -> Tuple[Dict[str, str], Dict]:
     return sig, attrs
 
 
-def compile_usage(kernel: str, arch: int, dtype: str, tile: Tile, flags: Dict) -> Usage:
+def compile_kernel(kernel: str, arch: int, dtype: str, tile: Tile, flags: Dict):
     """Compile `kernel` ("fwd"/"bwd") with `tile` and `flags` for sm_`arch`; `dtype` "bf16",
     "fp16" or "fp32". `flags` are constexprs: the variant's (`flags_of`), and optionally
     INPUT_PRECISION ("tf32" unless given; fp32 inputs may take "ieee") and EVEN_K (True unless
-    given: a width d that BLOCK_K divides, as every production width is).
+    given: a width d that BLOCK_K divides, as every production width is). Returns Triton's
+    CompiledKernel (its cubin in `.asm["cubin"]`).
 
     Raises triton's compilation errors as they come (e.g. an impossible tile).
     """
@@ -100,9 +101,14 @@ def compile_usage(kernel: str, arch: int, dtype: str, tile: Tile, flags: Dict) -
     constexprs.update(flags)
     sig, attrs = _signature(fn, dtype, constexprs)
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=tile.num_warps, num_stages=tile.num_stages))
+
+
+def compile_usage(kernel: str, arch: int, dtype: str, tile: Tile, flags: Dict) -> Usage:
+    """`compile_kernel`, and what its cubin needs (`Usage`)."""
     start = time.perf_counter()
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=tile.num_warps, num_stages=tile.num_stages))
+    compiled = compile_kernel(kernel, arch, dtype, tile, flags)
     seconds = time.perf_counter() - start
     res = _res_usage(compiled.asm["cubin"])
     return Usage(res["REG"], res["STACK"], res["LOCAL"], compiled.metadata.shared, seconds)
